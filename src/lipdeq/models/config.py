@@ -1,0 +1,80 @@
+"""Model configuration: one strict, typed record that spans MDEQ and the Lipschitz MDEQ."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ModelConfig(BaseModel):
+    """Every architectural and solver setting of the multiscale DEQ family.
+
+    The same class builds the MDEQ baseline (``norm="group"``, ``relu_slope=1``, ``alpha=1``,
+    ``beta=1``, ``fusion="sum"``, no operator-norm cap) and the Lipschitz MDEQ (``norm="mean_only"``,
+    ``relu_slope=0.4``, ``alpha=0.5``, ``beta=0.3``, ``fusion="softmax"``, ``conv_cap=2.0``), and
+    every point in between. Unknown keys and wrong types are rejected (strict validation).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: str = "custom"
+    # --- layout (Bai et al. 2020, MDEQ-Vision) ---
+    in_channels: int = Field(3, ge=1)
+    image_size: int = Field(32, ge=4)
+    num_classes: int = Field(10, ge=2)
+    channels: list[int] = Field(default_factory=lambda: [24, 24], min_length=1)
+    head_channels: list[int] = Field(default_factory=lambda: [8, 16], min_length=1)
+    final_channels: int = Field(200, ge=1)
+    expansion: int = Field(5, ge=1)
+    num_groups: int = Field(8, ge=1)
+    weight_norm: bool = True
+    dropout: float = Field(0.25, ge=0.0, lt=1.0)
+    # --- the Lipschitz knobs (DESIGN section 2) ---
+    norm: Literal["group", "mean_only"] = "group"
+    relu_slope: float = Field(1.0, gt=0.0)
+    alpha: float = Field(1.0, gt=0.0, le=1.0)
+    beta: float = Field(1.0, gt=0.0, le=1.0)
+    fusion: Literal["sum", "softmax"] = "sum"
+    gn_cap: float | None = Field(None, gt=0.0)
+    conv_cap: float | None = Field(None, gt=0.0)
+    cap_power_iterations: int = Field(1, ge=1)
+    dropout_rescale: bool = True
+    post_gn_affine: bool = False
+    # --- solver (f_thres / b_thres as in MDEQ) ---
+    solver: Literal["anderson", "picard", "broyden"] = "anderson"
+    f_thres: int = Field(22, ge=1)
+    b_thres: int = Field(24, ge=1)
+    f_tol: float = Field(1e-3, gt=0.0)
+    b_tol: float = Field(1e-3, gt=0.0)
+    stop_mode: Literal["rel", "abs"] = "rel"
+    backward: Literal["ift", "phantom", "jfb"] = "ift"
+    # --- MDEQ pretraining (weight-tied unrolled layers) ---
+    pretrain_layers: int = Field(10, ge=1)
+
+    @property
+    def num_branches(self) -> int:
+        """Number of resolutions (branches) of the multiscale state."""
+        return len(self.channels)
+
+    @model_validator(mode="after")
+    def _check_layout(self) -> ModelConfig:
+        if len(self.head_channels) != len(self.channels):
+            raise ValueError(
+                f"head_channels has {len(self.head_channels)} entries but channels has "
+                f"{len(self.channels)}: one head width per branch is required"
+            )
+        if self.image_size % (2 ** (len(self.channels) - 1)) != 0:
+            raise ValueError(
+                f"image_size={self.image_size} is not divisible by 2**(branches-1)="
+                f"{2 ** (len(self.channels) - 1)}"
+            )
+        for c in self.channels:
+            if c % self.num_groups or (c * self.expansion) % self.num_groups or c % max(self.num_groups // 2, 1):
+                raise ValueError(f"channel width {c} is not divisible by num_groups={self.num_groups}")
+        return self
+
+    @property
+    def is_lipschitz(self) -> bool:
+        """True when the configuration admits a finite certificate (mean-only norm and conv caps)."""
+        return self.norm == "mean_only" and self.conv_cap is not None
