@@ -10,10 +10,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class ModelConfig(BaseModel):
     """Every architectural and solver setting of the multiscale DEQ family.
 
-    The same class builds the MDEQ baseline (``norm="group"``, ``relu_slope=1``, ``alpha=1``,
-    ``beta=1``, ``fusion="sum"``, no operator-norm cap) and the Lipschitz MDEQ (``norm="mean_only"``,
-    ``relu_slope=0.4``, ``alpha=0.5``, ``beta=0.3``, ``fusion="softmax"``, ``conv_cap=2.0``), and
-    every point in between. Unknown keys and wrong types are rejected (strict validation).
+    The same class builds the MDEQ baseline (``norm="group"``, ``relu_slope=1``, ``mixing="sum"``,
+    ``fusion="sum"``, no operator-norm cap) and the Lipschitz MDEQ (``norm="mean_only"``,
+    ``relu_slope=0.4``, ``mixing="convex"`` with ``alpha=0.5``, ``beta=0.3``, ``fusion="softmax"``,
+    ``gn_cap=1``, ``conv_cap=2.0``, ``dropout_rescale=False``), and every point in between.
+    Unknown keys and wrong types are rejected (strict validation).
+
+    ``injection="auto"`` follows the executed reference code: the 1x1 conv + BN + ReLU injection
+    module exists only for more than two branches (with two, the stem output is injected as is).
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -30,8 +34,10 @@ class ModelConfig(BaseModel):
     num_groups: int = Field(8, ge=1)
     weight_norm: bool = True
     dropout: float = Field(0.25, ge=0.0, lt=1.0)
+    injection: Literal["auto", "conv", "none"] = "auto"
     # --- the Lipschitz knobs (DESIGN section 2) ---
     norm: Literal["group", "mean_only"] = "group"
+    mixing: Literal["sum", "convex"] = "sum"
     relu_slope: float = Field(1.0, gt=0.0)
     alpha: float = Field(1.0, gt=0.0, le=1.0)
     beta: float = Field(1.0, gt=0.0, le=1.0)
@@ -59,6 +65,11 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_layout(self) -> ModelConfig:
+        if self.mixing == "sum" and (self.alpha != 1.0 or self.beta != 1.0):
+            raise ValueError(
+                f"mixing='sum' (MDEQ: z + block, b_i + sum of fused) ignores alpha and beta; got "
+                f"alpha={self.alpha}, beta={self.beta}: use mixing='convex' to mix with them"
+            )
         if len(self.head_channels) != len(self.channels):
             raise ValueError(
                 f"head_channels has {len(self.head_channels)} entries but channels has "

@@ -1,0 +1,211 @@
+"""The multiscale DEQ classifier: stem -> equilibrium of the multiscale layer -> head."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lipdeq.gradients import fixed_point, jacobian_frobenius_penalty
+from lipdeq.lipschitz import LipschitzCertificate
+from lipdeq.models.certify import Mode, layer_certificate
+from lipdeq.models.config import ModelConfig
+from lipdeq.models.head import ClassificationHead, make_injection, make_stem
+from lipdeq.models.layer import MultiscaleLayer
+from lipdeq.solvers import Solution
+
+
+class NotAContractionError(ValueError):
+    """Raised by a strict certificate whose bound is not below 1."""
+
+
+class MultiscaleDEQ(nn.Module):
+    """MDEQ / Lipschitz MDEQ image classifier (DESIGN sections 2, 3 and 5).
+
+    ``model(x)`` returns logits. After each forward, :attr:`last_solution` holds the forward
+    solver's per-sample statistics; after the backward pass its ``.backward`` field holds the
+    adjoint solve's. :meth:`solver_stats` summarises both.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        c0 = cfg.channels[0]
+        self.stem = make_stem(cfg.in_channels, c0)
+        use_injection = cfg.injection == "conv" or (cfg.injection == "auto" and cfg.num_branches > 2)
+        self.injection = make_injection(c0) if use_injection else None
+        self.layer = MultiscaleLayer(cfg)
+        self.head = ClassificationHead(cfg.channels, cfg.head_channels, cfg.final_channels, cfg.num_classes)
+        self._init_explicit_parts()
+        self.last_solution: Solution | None = None
+        self._cert_cache: tuple[Any, LipschitzCertificate] | None = None
+
+    def _init_explicit_parts(self) -> None:
+        """MDEQ's init for stem, injection and head: conv N(0, 0.01), BN weight 1 and bias 0."""
+        for part in (self.stem, self.injection, self.head):
+            if part is None:
+                continue
+            for m in part.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.normal_(m.weight, 0.0, 0.01)
+                    if m.bias is not None:
+                        nn.init.normal_(m.bias, 0.0, 0.01)
+                elif isinstance(m, nn.BatchNorm2d) and m.weight is not None:
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ input and problem
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ValueError for a batch that is not ``(B, in_channels, S, S)``, finite, floating."""
+        cfg = self.cfg
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected an image tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(
+                f"expected images of shape (B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}), "
+                f"got {x.dim()} dimensions {tuple(x.shape)}"
+            )
+        if x.shape[1] != cfg.in_channels:
+            raise ValueError(f"expected {cfg.in_channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+        if x.shape[2:] != (cfg.image_size, cfg.image_size):
+            raise ValueError(
+                f"expected {cfg.image_size}x{cfg.image_size} images, got {x.shape[2]}x{x.shape[3]}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"expected floating-point images, got dtype {x.dtype}")
+        if not torch.isfinite(x).all():
+            bad = (~torch.isfinite(x)).flatten(1).any(dim=1).nonzero().flatten().tolist()
+            raise ValueError(f"input images contain NaN or Inf (batch indices {bad[:10]})")
+
+    def injection_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The input injection ``u`` of branch 1 (stem, then the optional injection module)."""
+        u = self.stem(x)
+        return self.injection(u) if self.injection is not None else u
+
+    def fixed_point_problem(
+        self, x: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+        """The DEQ map of this batch as a function of a flat ``(B, D)`` state, and ``z0 = 0``.
+
+        In training mode this draws the variational dropout masks, which stay fixed for every
+        call of the returned ``f``. For speed, call it (and ``f``) inside :meth:`cached_weights`,
+        so that weight norm and the operator-norm caps are computed once, not once per call.
+        """
+        self.check_input(x)
+        u = self.injection_of(x)
+        zs = [u.new_zeros(x.shape[0], *shape) for shape in self.layer.shapes]
+        if self.training:
+            self.layer.reset_dropout(zs, generator=generator)
+        layer = self.layer
+
+        def f(z: torch.Tensor) -> torch.Tensor:
+            return layer.pack(layer(layer.unpack(z), u))
+
+        return f, layer.pack(zs)
+
+    @contextlib.contextmanager
+    def cached_weights(self) -> Iterator[None]:
+        """Compute parametrized weights (weight norm, caps) once for everything inside the block."""
+        with parametrize.cached():
+            yield
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self, x: torch.Tensor, *, unrolled: bool = False, return_jac_loss: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits for a batch of images.
+
+        Args:
+            x: images ``(B, C, S, S)``, normalised.
+            unrolled: MDEQ pretraining mode: apply f ``pretrain_layers`` times from ``z0`` as a
+                weight-tied explicit network instead of solving for the equilibrium.
+            return_jac_loss: also return the Hutchinson estimate of ``||J_f||_F^2 / dim`` at the
+                equilibrium (the Jacobian regulariser of ``mdeq_large_reg``).
+        """
+        cfg = self.cfg
+        with self.cached_weights():
+            f, z0 = self.fixed_point_problem(x)
+            if unrolled:
+                z = z0
+                for _ in range(cfg.pretrain_layers):
+                    z = f(z)
+                self.last_solution = None
+            else:
+                cert = self.lipschitz_bound() if cfg.is_lipschitz else None
+                lip = cert.value if cert is not None and cert.value < 1.0 else None
+                z, sol = fixed_point(
+                    f,
+                    z0,
+                    solver=cfg.solver,
+                    backward=cfg.backward,
+                    f_tol=cfg.f_tol,
+                    b_tol=cfg.b_tol,
+                    f_max_iter=cfg.f_thres,
+                    b_max_iter=cfg.b_thres,
+                    stop_mode=cfg.stop_mode,
+                    lipschitz=lip,
+                )
+                self.last_solution = sol
+            jac_loss = None
+            if return_jac_loss:
+                z_in = z.detach().requires_grad_()
+                jac_loss = jacobian_frobenius_penalty(f(z_in), z_in, create_graph=self.training)
+        logits = self.head(self.layer.unpack(z))
+        return (logits, jac_loss) if return_jac_loss else logits
+
+    # ------------------------------------------------------------------ certificates and stats
+    def _param_versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.layer.parameters())
+
+    def lipschitz_bound(self, *, mode: Mode = "weights", strict: bool = False) -> LipschitzCertificate:
+        """Certified upper bound of Lip(f) in z (l2, eval mode) with a per-part breakdown.
+
+        ``mode="weights"`` certifies the current weights (exact FFT operator norms);
+        ``mode="hyper"`` uses only the hyperparameters (every conv at ``conv_cap``, every gamma at
+        ``gn_cap``). The value is infinite, with a reason, for a model without a finite bound
+        (standard GroupNorm). With ``strict=True`` a bound >= 1 raises NotAContractionError.
+        """
+        if mode == "weights":
+            key = self._param_versions()
+            if self._cert_cache is not None and self._cert_cache[0] == key:
+                cert = self._cert_cache[1]
+            else:
+                with torch.no_grad():
+                    cert = layer_certificate(self.layer, mode="weights")
+                self._cert_cache = (key, cert)
+        else:
+            cert = layer_certificate(self.layer, mode=mode)
+        if strict and not cert.value < 1.0:
+            why = f" ({cert.reason})" if cert.reason else ""
+            raise NotAContractionError(
+                f"{self.cfg.name}: certified Lipschitz bound {cert.value:.4g} is not below 1{why}; "
+                "convergence is not guaranteed"
+            )
+        return cert
+
+    def solver_stats(self) -> dict[str, float]:
+        """Summary of the last forward (and backward, once run) solve: iterations, residuals,
+        statuses and certified error bounds."""
+        out: dict[str, float] = {}
+        for prefix, sol in (("forward", self.last_solution), ("backward", getattr(self.last_solution, "backward", None))):
+            if sol is None:
+                continue
+            nstep = sol.nstep.double()
+            out[f"{prefix}_nstep_mean"] = float(nstep.mean())
+            out[f"{prefix}_nstep_max"] = float(nstep.max())
+            out[f"{prefix}_rel_residual_max"] = float(sol.rel_residual.max())
+            out[f"{prefix}_abs_residual_max"] = float(sol.abs_residual.max())
+            out[f"{prefix}_converged_frac"] = float(sol.converged.double().mean())
+            if sol.error_bound is not None:
+                out[f"{prefix}_error_bound_max"] = float(sol.error_bound.max())
+        return out
+
+    def num_parameters(self, part: str = "all") -> int:
+        """Number of parameters of ``"all"`` or of the equilibrium layer ``"f"``."""
+        module = self.layer if part == "f" else self
+        return sum(p.numel() for p in module.parameters())
+

@@ -1,0 +1,42 @@
+"""Model registry: ``create_model(name, **overrides)`` over the shipped YAML presets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from lipdeq.configs import list_presets, model_preset
+from lipdeq.models.config import ModelConfig
+from lipdeq.models.mdeq import MultiscaleDEQ
+
+
+def list_models() -> list[str]:
+    """Names of the registered model presets (one per shipped YAML preset)."""
+    return list_presets()
+
+
+def model_config(name: str, **overrides: Any) -> ModelConfig:
+    """The validated :class:`ModelConfig` of preset ``name`` with ``overrides`` applied.
+
+    Raises:
+        ValueError: unknown preset name, unknown override key or wrong value type.
+    """
+    names = list_models()
+    if name not in names:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(names)}")
+    fields = {**model_preset(name), "name": name}
+    unknown = sorted(set(overrides) - set(ModelConfig.model_fields))
+    if unknown:
+        raise ValueError(f"unknown model option(s) {unknown} for {name!r}; known: {sorted(ModelConfig.model_fields)}")
+    fields.update(overrides)
+    try:
+        return ModelConfig.model_validate(fields)
+    except ValidationError as err:
+        raise ValueError(f"invalid configuration for model {name!r}: {err}") from None
+
+
+def create_model(name: str, **overrides: Any) -> MultiscaleDEQ:
+    """Build the model of preset ``name`` (see :func:`list_models`), e.g.
+    ``create_model("lipmdeq_tiny", dropout=0.0)``."""
+    return MultiscaleDEQ(model_config(name, **overrides))
