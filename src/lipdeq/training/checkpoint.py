@@ -1,0 +1,633 @@
+"""Crash-safe checkpoints in safetensors (never pickle).
+
+Layout of a run's checkpoint directory::
+
+    <directory>/<tag>/model.safetensors      model.state_dict() (CPU copies; shared tensors stored once)
+    <directory>/<tag>/optimizer.safetensors  tensor leaves of optimizer.state_dict(), flattened keys
+    <directory>/<tag>/rng.safetensors        RNG states as tensors
+    <directory>/<tag>/meta.json              format marker, model name, config, step, epoch, extra state,
+                                             the non-tensor optimizer structure and the sha256 of each file
+    <directory>/latest                       JSON pointer {"tag": ..., "step": ..., "epoch": ...}
+
+A checkpoint is written into a hidden temporary sibling, fsynced, and renamed into place; an older
+checkpoint with the same tag is renamed aside first and deleted only after the new one is in place,
+and ``latest`` is replaced atomically last. Loading verifies every file's checksum first, so a torn
+or partial file is never loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import numbers
+import os
+import random
+import re
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+from torch import nn
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "Checkpoint",
+    "CheckpointError",
+    "capture_rng_state",
+    "find_latest",
+    "load_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+]
+
+CHECKPOINT_FORMAT = "lipdeq-checkpoint-v1"
+META_FILE = "meta.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+LATEST_FILE = "latest"
+_KNOWN_FILES = (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE)
+_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SEP = "@"  # never part of a tag: hidden siblings are .tmp@<tag>@<pid>@<hex> and .old@<tag>@<hex>
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written or read: not a checkpoint, corrupt, wrong model, missing file."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A verified checkpoint: tensors ready for ``load_state_dict`` plus the metadata of ``meta.json``.
+
+    ``optimizer_state`` is reassembled for ``optimizer.load_state_dict`` (its tensors stay on CPU;
+    the optimizer moves them to each parameter's device). ``rng_state`` is for
+    :func:`restore_rng_state`.
+    """
+
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any] | None
+    rng_state: dict[str, torch.Tensor] | None
+    meta: dict[str, Any]
+    path: Path
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken when the checkpoint was written."""
+        return int(self.meta["step"])
+
+    @property
+    def epoch(self) -> int:
+        """Epoch counter when the checkpoint was written."""
+        return int(self.meta["epoch"])
+
+    @property
+    def model_name(self) -> str:
+        """Name of the model the weights belong to."""
+        return str(self.meta["model_name"])
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The full run configuration saved with the checkpoint."""
+        return self.meta["config"]
+
+    @property
+    def extra_state(self) -> dict[str, Any]:
+        """The JSON-safe extra state (data iterator position etc.)."""
+        return _decode(self.meta["extra_state"], None, "extra_state")
+
+    @property
+    def scheduler_state(self) -> dict[str, Any] | None:
+        """The learning-rate scheduler state, or None."""
+        raw = self.meta.get("scheduler_state")
+        return None if raw is None else _decode(raw, None, "scheduler_state")
+
+
+# ------------------------------------------------------------------------------- nested encoding
+
+_MARKERS = frozenset({"__tensor__", "__tuple__", "__dict__", "__float__"})
+
+
+def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor] | None) -> Any:
+    """Encode nested Python data as JSON; tensors go to ``tensors`` (forbidden if it is None)."""
+    if isinstance(obj, torch.Tensor):
+        if tensors is None:
+            raise TypeError(f"{path}: tensors are not allowed here; store plain JSON-safe values")
+        name, n = path, 1
+        while name in tensors:
+            name, n = f"{path}#{n}", n + 1
+        tensors[name] = obj.detach().to("cpu", copy=True).contiguous()
+        return {"__tensor__": name}
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        value = float(obj)
+        return value if math.isfinite(value) else {"__float__": repr(value)}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, Mapping):
+        if all(isinstance(k, str) for k in obj) and not _MARKERS.intersection(obj):
+            return {k: _encode(v, f"{path}.{k}", tensors) for k, v in obj.items()}
+        return {
+            "__dict__": [
+                [_encode(k, f"{path}.<key>", None), _encode(v, f"{path}.{k}", tensors)]
+                for k, v in obj.items()
+            ]
+        }
+    raise TypeError(
+        f"{path}: cannot store a {type(obj).__name__} in a checkpoint (JSON-safe values and tensors only)"
+    )
+
+
+def _decode(obj: Any, tensors: Mapping[str, torch.Tensor] | None, path: str) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors, path) for v in obj]
+    if isinstance(obj, dict):
+        if len(obj) == 1:
+            ((key, value),) = obj.items()
+            if key == "__tensor__":
+                if tensors is None or value not in tensors:
+                    raise CheckpointError(f"{path}: tensor {value!r} is missing from the checkpoint")
+                return tensors[value]
+            if key == "__tuple__":
+                return tuple(_decode(v, tensors, path) for v in value)
+            if key == "__float__":
+                return float(value)
+            if key == "__dict__":
+                return {_decode(k, tensors, path): _decode(v, tensors, path) for k, v in value}
+        return {k: _decode(v, tensors, path) for k, v in obj.items()}
+    return obj
+
+
+# ------------------------------------------------------------------------------------ file helpers
+
+
+def _write_file(path: Path, data: bytes) -> dict[str, Any]:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory file descriptors
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_leftovers(directory: Path, tag: str) -> None:
+    """Delete temporaries of dead writers and set-aside copies of ``tag`` (now superseded)."""
+    for entry in directory.iterdir():
+        parts = entry.name.split(_SEP)
+        if parts[0] == ".tmp" and len(parts) == 4 and parts[2].isdigit() and not _pid_alive(int(parts[2])):
+            shutil.rmtree(entry, ignore_errors=True)
+        elif parts[0] == ".old" and len(parts) == 3 and parts[1] == tag:
+            shutil.rmtree(entry, ignore_errors=True)
+        elif (
+            parts[0] == ".latest.tmp"
+            and len(parts) == 3
+            and parts[1].isdigit()
+            and not _pid_alive(int(parts[1]))
+        ):
+            with contextlib.suppress(OSError):
+                entry.unlink()
+
+
+def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """CPU copies of the state dict (shared tensors stored once) and the alias map; refuse non-finite."""
+    state = model.state_dict()
+    bad = []
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"model.state_dict()[{key!r}] is a {type(value).__name__}, not a tensor")
+        if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+            bad.append(key)
+    if bad:
+        shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise CheckpointError(f"refusing to save a checkpoint: non-finite values (nan/inf) in {shown}")
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    for key, value in state.items():
+        ident = None
+        if value.numel() > 0 and value.layout == torch.strided:
+            ident = (
+                value.untyped_storage().data_ptr(),
+                value.storage_offset(),
+                tuple(value.shape),
+                tuple(value.stride()),
+                value.dtype,
+                str(value.device),
+            )
+        if ident is not None and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        if ident is not None:
+            seen[ident] = key
+        tensors[key] = value.detach().to("cpu", copy=True).contiguous()
+    return tensors, aliases
+
+
+def _check_tag(tag: str) -> None:
+    if not isinstance(tag, str) or not _TAG_RE.match(tag) or tag == LATEST_FILE:
+        raise ValueError(
+            f"tag={tag!r} is not a valid checkpoint tag: use letters, digits, '_', '.', '-' "
+            f"(not starting with '.', and not {LATEST_FILE!r})"
+        )
+
+
+def _model_name(model: nn.Module, config: Mapping[str, Any], model_name: str | None) -> str:
+    if model_name is not None:
+        return str(model_name)
+    section = config.get("model") if isinstance(config, Mapping) else None
+    if isinstance(section, Mapping) and isinstance(section.get("name"), str):
+        return section["name"]
+    name = getattr(getattr(model, "config", None), "name", None)
+    return name if isinstance(name, str) else type(model).__name__
+
+
+# ------------------------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(
+    directory: str | os.PathLike[str],
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler_state: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | Any,
+    step: int,
+    epoch: int,
+    extra_state: Mapping[str, Any] | None = None,
+    rng_state: Mapping[str, torch.Tensor] | None = None,
+    tag: str = "last",
+    model_name: str | None = None,
+) -> Path:
+    """Atomically write checkpoint ``<directory>/<tag>/`` and point ``<directory>/latest`` at it.
+
+    ``config`` is a JSON-safe dict (or an object with ``to_dict()``, such as a RunConfig);
+    ``extra_state`` and ``scheduler_state`` must be JSON-safe (tuples, int-keyed dicts and non-finite
+    floats are preserved). The model name stored is ``model_name``, else ``config["model"]["name"]``,
+    else ``model.config.name``, else the class name. Raises :class:`CheckpointError` (and writes
+    nothing) when a model weight or buffer is non-finite. Returns the checkpoint's directory.
+    """
+    _check_tag(tag)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+    if hasattr(config, "to_dict") and callable(config.to_dict):
+        config = config.to_dict()
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict (or have to_dict()), got {type(config).__name__}")
+    model_tensors, aliases = _model_tensors(model)
+    meta: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "model_name": _model_name(model, config, model_name),
+        "tag": tag,
+        "step": step,
+        "epoch": epoch,
+        "config": _encode(dict(config), "config", None),
+        "extra_state": _encode(dict(extra_state or {}), "extra_state", None),
+        "scheduler_state": None
+        if scheduler_state is None
+        else _encode(scheduler_state, "scheduler_state", None),
+        "optimizer": None,
+        "aliases": aliases,
+        "torch_version": torch.__version__,
+        "files": {},
+    }
+    payloads: dict[str, bytes] = {MODEL_FILE: _st_save(model_tensors)}
+    del model_tensors
+    if optimizer is not None:
+        opt_tensors: dict[str, torch.Tensor] = {}
+        meta["optimizer"] = _encode(optimizer.state_dict(), "optimizer", opt_tensors)
+        payloads[OPTIMIZER_FILE] = _st_save(opt_tensors)
+    if rng_state is not None:
+        rng_tensors = {}
+        for key, value in rng_state.items():
+            if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+                raise TypeError(
+                    f"rng_state must map str to tensors; entry {key!r} is a {type(value).__name__}"
+                )
+            rng_tensors[key] = value.detach().to("cpu", copy=True).contiguous()
+        payloads[RNG_FILE] = _st_save(rng_tensors)
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / _SEP.join((".tmp", tag, str(os.getpid()), uuid.uuid4().hex[:12]))
+    final = directory / tag
+    old: Path | None = None
+    try:
+        tmp.mkdir()
+        for name, data in payloads.items():
+            meta["files"][name] = _write_file(tmp / name, data)
+        _write_file(tmp / META_FILE, json.dumps(meta, indent=1, allow_nan=False).encode("utf-8"))
+        _fsync_dir(tmp)
+        if final.exists():
+            old = directory / _SEP.join((".old", tag, uuid.uuid4().hex[:12]))
+            os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            if old is not None:
+                with contextlib.suppress(OSError):
+                    os.replace(old, final)
+                    old = None
+            raise
+        _fsync_dir(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_latest(directory, tag, step, epoch)
+    _remove_leftovers(directory, tag)
+    return final
+
+
+def _write_latest(directory: Path, tag: str, step: int, epoch: int) -> None:
+    tmp = directory / _SEP.join((".latest.tmp", str(os.getpid()), uuid.uuid4().hex[:12]))
+    try:
+        _write_file(tmp, json.dumps({"tag": tag, "step": step, "epoch": epoch}).encode("utf-8"))
+        os.replace(tmp, directory / LATEST_FILE)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(directory)
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _describe_non_checkpoint(path: Path) -> str:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        return f"{path} cannot be read: {exc}"
+    if head[:1] == b"\x80":
+        kind = "a Python pickle (e.g. torch.save); lipdeq never unpickles"
+    elif head == b"PK\x03\x04":
+        kind = "a zip archive (torch.save writes pickles in zip files); lipdeq never unpickles"
+    else:
+        kind = "not a checkpoint"
+    return (
+        f"{path} is {kind}: a lipdeq checkpoint is a directory with {META_FILE} "
+        f"(format {CHECKPOINT_FORMAT!r}) and safetensors files"
+    )
+
+
+def _read_pointer(pointer: Path) -> str:
+    try:
+        data = json.loads(pointer.read_text(encoding="utf-8"))
+        tag = data["tag"]
+        _check_tag(tag)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{pointer} is not a valid 'latest' pointer ({exc}); "
+            "delete it to fall back to the checkpoints present"
+        ) from None
+    return tag
+
+
+def _read_meta_quiet(path: Path) -> dict[str, Any] | None:
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == CHECKPOINT_FORMAT else None
+
+
+def find_latest(directory: str | os.PathLike[str]) -> Path | None:
+    """Return the newest complete checkpoint directory under ``directory``, or None if there is none.
+
+    Follows the ``latest`` pointer; if a crash left the pointed-to tag renamed aside (between the two
+    renames of a save), returns that set-aside previous checkpoint. Without a pointer, returns the
+    complete checkpoint with the highest (step, epoch). Hidden temporaries never count.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    pointer = directory / LATEST_FILE
+    if pointer.exists():
+        tag = _read_pointer(pointer)
+        if (directory / tag / META_FILE).is_file():
+            return directory / tag
+        aside = [p for p in directory.glob(f".old{_SEP}{tag}{_SEP}*") if (p / META_FILE).is_file()]
+        if aside:
+            return max(aside, key=lambda p: p.stat().st_mtime)
+        raise CheckpointError(f"{pointer} points to tag {tag!r} but {directory / tag} is missing")
+    best: tuple[tuple[int, int, float], Path] | None = None
+    for entry in directory.iterdir():
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        meta = _read_meta_quiet(entry)
+        if meta is None:
+            continue
+        key = (int(meta.get("step", -1)), int(meta.get("epoch", -1)), entry.stat().st_mtime)
+        if best is None or key > best[0]:
+            best = (key, entry)
+    return None if best is None else best[1]
+
+
+def _resolve(path: Path) -> Path:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_file():
+        if path.name == META_FILE:
+            return path.parent
+        if path.name == LATEST_FILE:
+            found = find_latest(path.parent)
+            if found is None:
+                raise CheckpointError(f"{path}: no checkpoint found in {path.parent}")
+            return found
+        raise CheckpointError(_describe_non_checkpoint(path))
+    if (path / META_FILE).exists():
+        return path
+    found = find_latest(path)
+    if found is None:
+        raise CheckpointError(
+            f"{path} holds no lipdeq checkpoint (no {META_FILE}, no '{LATEST_FILE}' pointer)"
+        )
+    return found
+
+
+def _read_meta(meta_path: Path) -> dict[str, Any]:
+    try:
+        text = meta_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {meta_path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(_describe_non_checkpoint(meta_path)) from None
+    try:
+        meta = json.loads(text)
+    except ValueError as exc:
+        raise CheckpointError(f"{meta_path} is not valid JSON ({exc}): not a lipdeq checkpoint") from None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{meta_path}: format marker is {found!r}, expected {CHECKPOINT_FORMAT!r}")
+    files = meta.get("files")
+    ok = (
+        isinstance(files, dict)
+        and MODEL_FILE in files
+        and all(name in _KNOWN_FILES for name in files)
+        and all(isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in files.values())
+        and isinstance(meta.get("model_name"), str)
+        and isinstance(meta.get("step"), int)
+        and isinstance(meta.get("epoch"), int)
+        and isinstance(meta.get("aliases", {}), dict)
+    )
+    if not ok:
+        raise CheckpointError(
+            f"{meta_path} is malformed: missing or invalid files/model_name/step/epoch entries"
+        )
+    return meta
+
+
+def _read_verified(path: Path, expected: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint file {path}: {exc}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != expected["sha256"] or ("bytes" in expected and len(data) != expected["bytes"]):
+        raise CheckpointError(
+            f"checksum mismatch in {path} ({len(data)} bytes, sha256 {digest[:12]}..., expected "
+            f"{expected.get('bytes')} bytes, {expected['sha256'][:12]}...): the file is torn, partial or "
+            "modified; not loaded"
+        )
+    try:
+        return _st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot decode {path}: {exc}") from None
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    expected_model_name: str | None = None,
+    map_location: str | torch.device = "cpu",
+) -> Checkpoint:
+    """Load and verify a checkpoint; ``path`` is a checkpoint directory (uses ``latest``), a tag directory
+    or its ``meta.json``.
+
+    Every file's sha256 is checked before it is decoded. Model tensors are moved to ``map_location``.
+    Raises :class:`CheckpointError`, naming the file, when the path is not a checkpoint (e.g. a pickle),
+    a file is missing or its checksum does not match, or the checkpoint belongs to a model other than
+    ``expected_model_name``.
+    """
+    tag_dir = _resolve(Path(path))
+    meta_path = tag_dir / META_FILE
+    meta = _read_meta(meta_path)
+    if expected_model_name is not None and meta["model_name"] != expected_model_name:
+        raise CheckpointError(
+            f"{meta_path} belongs to model {meta['model_name']!r}, "
+            f"not to the expected model {expected_model_name!r}"
+        )
+    files = meta["files"]
+    model_state = _read_verified(tag_dir / MODEL_FILE, files[MODEL_FILE])
+    for alias, target in meta.get("aliases", {}).items():
+        if target not in model_state:
+            raise CheckpointError(f"{meta_path}: alias {alias!r} refers to missing tensor {target!r}")
+        model_state[alias] = model_state[target]
+    model_state = {k: v.to(map_location) for k, v in model_state.items()}
+    optimizer_state = None
+    if meta.get("optimizer") is not None:
+        if OPTIMIZER_FILE not in files:
+            raise CheckpointError(f"{meta_path} lists optimizer state but no {OPTIMIZER_FILE}")
+        opt_tensors = _read_verified(tag_dir / OPTIMIZER_FILE, files[OPTIMIZER_FILE])
+        optimizer_state = _decode(meta["optimizer"], opt_tensors, str(tag_dir / OPTIMIZER_FILE))
+    rng_state = _read_verified(tag_dir / RNG_FILE, files[RNG_FILE]) if RNG_FILE in files else None
+    return Checkpoint(
+        model_state=model_state, optimizer_state=optimizer_state, rng_state=rng_state, meta=meta, path=tag_dir
+    )
+
+
+# ---------------------------------------------------------------------------------------------- RNG
+
+
+def capture_rng_state() -> dict[str, torch.Tensor]:
+    """Snapshot the torch (CPU and every CUDA device), Python ``random`` and NumPy global RNGs as tensors."""
+    state: dict[str, torch.Tensor] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda.{i}"] = s
+    version, internal, gauss = random.getstate()
+    state["python.state"] = torch.tensor([version, *internal], dtype=torch.int64)
+    state["python.gauss"] = torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64)
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    if kind != "MT19937":
+        raise ValueError(f"unsupported NumPy bit generator {kind!r}")
+    state["numpy.keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    state["numpy.pos"] = torch.tensor([pos, has_gauss], dtype=torch.int64)
+    state["numpy.gauss"] = torch.tensor([cached], dtype=torch.float64)
+    return state
+
+
+def restore_rng_state(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Restore RNGs captured by :func:`capture_rng_state`; returns the keys restored.
+
+    CUDA states are restored only where that device exists (a GPU checkpoint resumed on CPU skips
+    them: compare the returned keys with ``state``). Unknown keys raise ValueError.
+    """
+    restored: list[str] = []
+    for key in state:
+        known = key in {"torch", "python.state", "python.gauss", "numpy.keys", "numpy.pos", "numpy.gauss"}
+        if not known and not re.fullmatch(r"cuda\.\d+", key):
+            raise ValueError(f"rng_state has unknown key {key!r}")
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].to("cpu", torch.uint8))
+        restored.append("torch")
+    for key, value in state.items():
+        if key.startswith("cuda."):
+            index = int(key.split(".")[1])
+            if torch.cuda.is_available() and index < torch.cuda.device_count():
+                torch.cuda.set_rng_state(value.to("cpu", torch.uint8), index)
+                restored.append(key)
+    if "python.state" in state:
+        values = [int(v) for v in state["python.state"].tolist()]
+        gauss_flag, gauss = state["python.gauss"].tolist() if "python.gauss" in state else (0.0, 0.0)
+        random.setstate((values[0], tuple(values[1:]), gauss if gauss_flag else None))
+        restored += [k for k in ("python.state", "python.gauss") if k in state]
+    if "numpy.keys" in state:
+        pos, has_gauss = (int(v) for v in state["numpy.pos"].tolist())
+        cached = float(state["numpy.gauss"].item())
+        keys = state["numpy.keys"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", keys, pos, has_gauss, cached))
+        restored += [k for k in ("numpy.keys", "numpy.pos", "numpy.gauss") if k in state]
+    return restored
