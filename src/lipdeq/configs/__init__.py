@@ -1,4 +1,8 @@
-"""Run configuration: strict typed records, the shipped YAML presets and their loader."""
+"""Run configuration: strict typed records, the shipped YAML presets and their loader.
+
+Import order matters: ``loader`` (no lipdeq imports at module level) comes before ``schema`` (which
+imports lipdeq.models, whose registry imports ``list_presets`` / ``model_preset`` from here).
+"""
 
 from __future__ import annotations
 

@@ -15,12 +15,16 @@ import re
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from lipdeq.configs.schema import RunConfig
+if TYPE_CHECKING:
+    from lipdeq.configs.schema import RunConfig
+
+# lipdeq.configs.schema is imported inside the functions that need it: it imports lipdeq.models, whose
+# registry imports this module (list_presets, model_preset), so a top-level import would be circular.
 
 __all__ = ["ConfigError", "list_presets", "load_config", "model_preset", "parse_override"]
 
@@ -243,6 +247,8 @@ def _read_user_file(
 
 def _section_model(loc: Sequence[str | int]) -> type[BaseModel] | None:
     """The pydantic model class reached by following ``loc`` from RunConfig (None if not a model)."""
+    from lipdeq.configs.schema import RunConfig
+
     model: type[BaseModel] = RunConfig
     for part in loc:
         if not isinstance(part, str) or part not in model.model_fields:
@@ -324,6 +330,8 @@ def _origin_of(loc: Sequence[str | int], origin: Mapping[str, str]) -> str | Non
 
 
 def _validate(data: dict[str, Any], origin: Mapping[str, str], what: str) -> RunConfig:
+    from lipdeq.configs.schema import RunConfig
+
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
