@@ -56,7 +56,7 @@ def fake_cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A parent folder holding cifar-10-batches-py with data_batch_1, data_batch_2 and test_batch."""
     root = tmp_path_factory.mktemp("fake_cifar")
     folder = root / "cifar-10-batches-py"
-    write_pickle(folder / "batches.meta", {"label_names": ["c%d" % i for i in range(10)]})
+    write_pickle(folder / "batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
     write_pickle(folder / "data_batch_1", fake_batch(offset=0))
     write_pickle(folder / "data_batch_2", fake_batch(offset=1))
     write_pickle(folder / "test_batch", fake_batch(offset=5))

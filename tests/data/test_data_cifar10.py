@@ -64,7 +64,8 @@ def test_missing_directory_names_path_and_remedy(tmp_path: Path) -> None:
         load_cifar10(missing, "train", subset=10)
     text = str(info.value)
     assert str(missing) in text and "does not exist" in text
-    assert "lipdeq data download cifar10 --dest" in text and "LIPDEQ_DATA_DIR" in text and "--data-dir" in text
+    for hint in ("lipdeq data download cifar10 --dest", "LIPDEQ_DATA_DIR", "--data-dir"):
+        assert hint in text
 
 
 def test_directory_without_batches(tmp_path: Path) -> None:
@@ -122,7 +123,8 @@ def test_bytes_keys_are_accepted(tmp_path: Path, batch_writer, make_fake_batch) 
 )
 def test_wrong_image_shape_or_dtype(tmp_path: Path, batch_writer, data: np.ndarray, shape_text: str) -> None:
     folder = _layout(tmp_path, "test_batch", {"data": data, "labels": [0] * len(data)}, batch_writer)
-    with pytest.raises(DataError, match=r"test_batch.*must be uint8 of shape \(10000, 3072\), got " + shape_text):
+    expected = r"test_batch.*must be uint8 of shape \(10000, 3072\), got " + shape_text
+    with pytest.raises(DataError, match=expected):
         load_cifar10(folder, "test")
 
 

@@ -56,7 +56,8 @@ def test_offsets_and_flips_are_spread() -> None:
     """Each sample is a ramp image, so its crop offset and flip can be read back from the output."""
     b, p, s = 4000, 4, 32
     ramp = (torch.arange(s)[None, :] * 64 + torch.arange(s)[:, None] + 1).float()  # unique, nonzero
-    out = random_crop_flip(ramp.expand(b, 1, s, s).clone(), padding=p, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    out = random_crop_flip(ramp.expand(b, 1, s, s).clone(), padding=p, generator=gen)
     centre = out[:, 0, p : s - p, p : s - p]  # never touches padding for |shift| <= p
     flipped = centre[:, 0, 1] < centre[:, 0, 0]
     assert 0.46 < flipped.float().mean().item() < 0.54

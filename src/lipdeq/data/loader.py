@@ -38,7 +38,9 @@ class BatchIterator:
     seeded by ``(seed, epoch, k, rank)``, so resuming at any batch reproduces the uninterrupted run.
 
     Position: ``state_dict()`` gives ``{"epoch", "batch_in_epoch"}`` (the next batch to yield);
-    iterating yields the rest of the current epoch and then moves to the next epoch.
+    iterating yields the rest of the current epoch and then moves to the next epoch. So the loop
+    ``for e in range(start, n): it.set_epoch(e); for x, y in it: ...`` resumes exactly after
+    ``it.load_state_dict(saved)``, even when the saved position is the end of an epoch.
     """
 
     def __init__(
@@ -148,9 +150,10 @@ class BatchIterator:
         return to_float_normalized(images), self.labels[idx]
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield the remaining batches of the current epoch, then advance to the next epoch."""
-        if self._batch >= len(self):
-            self._epoch, self._batch = self._epoch + 1, 0
+        """Yield the remaining batches of the current epoch (none if it is complete), then advance.
+
+        After the last batch the position becomes ``(epoch + 1, 0)`` once the loop asks for more.
+        """
         epoch = self._epoch
         indices = self.epoch_indices(epoch)
         while self._batch < len(self):
