@@ -25,17 +25,19 @@ class Status(enum.IntEnum):
 class Solution:
     """Result of :func:`lipdeq.solvers.solve`.
 
-    Every per-sample field has shape ``(B,)``. ``value`` holds, per sample, the iterate with the
-    lowest residual that was seen (never a non-finite one).
+    Every per-sample field has shape ``(B,)``. Per sample, let ``z_b`` be the iterate with the lowest
+    stop criterion that was seen (never one with a non-finite ``f(z_b)``); ``value`` is its image
+    ``f(z_b)`` (already computed, no extra evaluation; ``z0`` if ``f(z0)`` was already non-finite).
 
     Attributes:
-        value: the approximate fixed point, same shape as ``z0``.
+        value: the approximate fixed point ``f(z_b)``, same shape as ``z0``.
         status: int8 codes of :class:`Status`, one per sample.
-        nstep: number of iterations after which each sample's returned value was produced.
-        abs_residual: ``||f(z) - z||`` per sample (l2 over all non-batch dims) for the returned value.
-        rel_residual: ``||f(z) - z|| / (||f(z)|| + eps)`` per sample.
-        error_bound: certified a-posteriori bound on ``||value - z*||`` per sample when the solve was
-            given ``lipschitz=L < 1``; ``None`` otherwise.
+        nstep: number of evaluations of ``f`` up to and including ``f(z_b)`` (Picard: ``value`` is the
+            ``nstep``-th iterate).
+        abs_residual: ``||f(z_b) - z_b||`` per sample (l2 over all non-batch dims).
+        rel_residual: ``||f(z_b) - z_b|| / (||f(z_b)|| + eps)`` per sample.
+        error_bound: certified a-posteriori bound ``L/(1-L) * abs_residual`` on ``||value - z*||`` per
+            sample when the solve was given ``lipschitz=L < 1``; ``None`` otherwise.
         n_f_evals: number of (batched) evaluations of ``f``.
         method, stop_mode, tol, max_iter: the settings that produced this solution.
         abs_trace, rel_trace: optional ``(T, B)`` residual traces (``return_trace=True``).

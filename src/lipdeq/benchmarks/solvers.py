@@ -1,0 +1,216 @@
+"""Solver benchmark: our Anderson / Picard / Broyden against TorchDEQ's Anderson on an MDEQ-tiny-sized map.
+
+The map is a two-branch multiscale fixed-point layer of MDEQ-tiny's state size (24 channels at 32x32
+and 16x16, D = 30720 per sample), built from ``torch.nn`` with a fixed seed::
+
+    b_i = GN(conv3x3(relu(GN(conv3x3(z_i)))))                      (per-branch block)
+    z_1+ = gain * (b_1 + up2(GN(conv1x1(b_2)))) + u_1               (coarse -> fine: 1x1 conv, nearest)
+    z_2+ = gain * (b_2 + GN(conv3x3_stride2(b_1))) + u_2            (fine -> coarse: strided conv)
+
+with a fixed random input injection ``u``. ``gain`` is set so that Anderson needs about 10-20
+evaluations at relative tolerance 1e-3.
+
+Fair comparison: TorchDEQ stops the whole batch when the *largest* current relative residual is
+below ``tol``; ours stops each sample when its own relative residual is below ``tol`` and ends when
+all have stopped. Both use the relative residual ``||f(z)-z|| / (||f(z)|| + eps)`` (ours run with
+TorchDEQ's ``eps = 1e-9``), memory ``m = 6``, ``lam = 1e-4`` and return the image ``f(z)`` of the best
+iterate, so at the end both guarantee ``max_b rel_b < tol`` for their returned residuals. The f
+evaluations are timed through a wrapper, so that time per solve splits into time in ``f`` and the
+solver's own overhead.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lipdeq.solvers import solve
+
+CHANNELS, SIZES = 24, (32, 16)
+METHODS = ("anderson", "picard", "broyden", "torchdeq_anderson")
+OPTIONS = {"anderson": {"m": 6, "lam": 1e-4}}  # TorchDEQ's defaults, given to both Andersons
+
+
+class MultiscaleMap(nn.Module):
+    """The two-branch convolutional fixed-point map of the benchmark (see module docstring)."""
+
+    def __init__(self, channels: int = CHANNELS, gain: float = 0.45, groups: int = 4) -> None:
+        super().__init__()
+        c = channels
+        self.conv1 = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in SIZES)
+        self.conv2 = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in SIZES)
+        self.gn1 = nn.ModuleList(nn.GroupNorm(groups, c) for _ in SIZES)
+        self.gn2 = nn.ModuleList(nn.GroupNorm(groups, c) for _ in SIZES)
+        self.down, self.gn_down = nn.Conv2d(c, c, 3, stride=2, padding=1), nn.GroupNorm(groups, c)
+        self.up, self.gn_up = nn.Conv2d(c, c, 1), nn.GroupNorm(groups, c)
+        self.channels, self.gain = c, gain
+
+    def split(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """View a flat ``(B, D)`` state as the two branch tensors."""
+        c, (n1, n2) = self.channels, SIZES
+        z1, z2 = z.split([c * n1 * n1, c * n2 * n2], dim=1)
+        return [z1.view(-1, c, n1, n1), z2.view(-1, c, n2, n2)]
+
+    def forward(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """One application of the map to the flat state ``z`` with flat injection ``u``."""
+        zs = self.split(z)
+        b = [self.gn2[i](self.conv2[i](F.relu(self.gn1[i](self.conv1[i](zi))))) for i, zi in enumerate(zs)]
+        y1 = b[0] + F.interpolate(self.gn_up(self.up(b[1])), scale_factor=2, mode="nearest")
+        y2 = b[1] + self.gn_down(self.down(b[0]))
+        return self.gain * torch.cat([y1.flatten(1), y2.flatten(1)], dim=1) + u
+
+
+def build_problem(
+    batch_size: int = 32, seed: int = 0, device: str | torch.device = "cpu"
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """The benchmark's map ``f`` on flat ``(B, D)`` float32 states and its initial state ``z0 = 0``."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = MultiscaleMap().to(device).eval()
+    D = CHANNELS * sum(n * n for n in SIZES)
+    u = torch.randn(batch_size, D, generator=gen).to(device)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return net(z, u)
+
+    return f, torch.zeros(batch_size, D, device=device)
+
+
+class _TimedMap:
+    """Wraps ``f`` to count its calls and the wall time spent inside it."""
+
+    def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], sync: Callable[[], None]) -> None:
+        self.f, self.sync = f, sync
+        self.calls, self.seconds = 0, 0.0
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = self.f(z)
+        self.sync()
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+
+def _rel_residual(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> float:
+    """Largest relative residual ``||f(z)-z|| / ||f(z)||`` over the batch (one extra evaluation)."""
+    fz = f(z)
+    return float(((fz - z).flatten(1).norm(dim=1) / fz.flatten(1).norm(dim=1)).max())
+
+
+def _solve_once(method: str, f: _TimedMap, z0: torch.Tensor, tol: float, max_iter: int) -> dict:
+    """One timed solve; returns the value and the solver's own report."""
+    if method == "torchdeq_anderson":
+        from torchdeq.solver import get_solver
+
+        t0 = time.perf_counter()
+        solver = get_solver("anderson")
+        value, _, info = solver(f, z0, max_iter=max_iter, tol=tol, stop_mode="rel", **OPTIONS["anderson"])
+        f.sync()
+        seconds = time.perf_counter() - t0
+        rel = info["rel_lowest"]
+        counts = {"converged": int((rel < tol).sum()), "not_converged": int((rel >= tol).sum())}
+        return {"seconds": seconds, "value": value, "rel": float(rel.max()), "counts": counts,
+                "nstep_max": int(info["nstep"].max())}
+    t0 = time.perf_counter()
+    options = OPTIONS.get(method, {})
+    sol = solve(f, z0, method, tol=tol, stop_mode="rel", max_iter=max_iter, eps=1e-9, **options)
+    f.sync()
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "value": sol.value, "rel": float(sol.rel_residual.max()),
+            "counts": {k: v for k, v in sol.counts().items() if v}, "nstep_max": int(sol.nstep.max())}
+
+
+def run(
+    batch_size: int = 32,
+    tol: float = 1e-3,
+    max_iter: int = 30,
+    repeats: int = 3,
+    seed: int = 0,
+    device: str = "cpu",
+) -> dict:
+    """Time our solvers and TorchDEQ's Anderson on the benchmark map; returns a dict of figures.
+
+    Per method: ``time_per_solve_s`` (median over ``repeats`` after a warm-up), ``f_evals`` per solve,
+    ``time_per_f_eval_s``, ``outside_f_fraction`` (share of the solve's wall time not spent in ``f``,
+    median), ``max_rel_residual`` (as reported by the solver), ``max_rel_residual_checked`` (recomputed
+    from the returned value with one extra evaluation, outside the timing), status counts and the
+    largest ``nstep``. ``ratio_anderson_vs_torchdeq`` is our Anderson's time per solve over TorchDEQ's
+    (None when torchdeq is not installed). Nothing is printed; see :func:`format_report`.
+    """
+    dev = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    try:
+        import torchdeq
+
+        methods, torchdeq_version = METHODS, getattr(torchdeq, "__version__", "unknown")
+    except ImportError:
+        methods, torchdeq_version = METHODS[:-1], None
+    f, z0 = build_problem(batch_size, seed, dev)
+    rows: dict[str, dict] = {m: {"seconds": [], "outside": [], "f_seconds": []} for m in methods}
+    with torch.no_grad():
+        for m in methods:  # warm-up: allocator, kernels, lazy imports
+            _solve_once(m, _TimedMap(f, sync), z0, tol, 3)
+        for _ in range(repeats):
+            for m in methods:  # interleaved, so that load changes on a shared machine hit all methods alike
+                tf = _TimedMap(f, sync)
+                out = _solve_once(m, tf, z0, tol, max_iter)
+                row = rows[m]
+                row["seconds"].append(out["seconds"])
+                row["f_seconds"].append(tf.seconds / tf.calls)
+                row["outside"].append(1.0 - tf.seconds / out["seconds"])
+                row.update(f_evals=tf.calls, max_rel_residual=out["rel"], statuses=out["counts"],
+                           nstep_max=out["nstep_max"], value=out["value"])
+        results = {}
+        for m, row in rows.items():
+            results[m] = {
+                "time_per_solve_s": statistics.median(row["seconds"]),
+                "times_s": row["seconds"],
+                "f_evals": row["f_evals"],
+                "time_per_f_eval_s": statistics.median(row["f_seconds"]),
+                "outside_f_fraction": statistics.median(row["outside"]),
+                "max_rel_residual": row["max_rel_residual"],
+                "max_rel_residual_checked": _rel_residual(f, row["value"]),
+                "statuses": row["statuses"],
+                "nstep_max": row["nstep_max"],
+            }
+    ratio = None
+    if "torchdeq_anderson" in results:
+        ratio = results["anderson"]["time_per_solve_s"] / results["torchdeq_anderson"]["time_per_solve_s"]
+    return {
+        "config": {
+            "batch_size": batch_size, "tol": tol, "max_iter": max_iter, "repeats": repeats, "seed": seed,
+            "device": str(dev), "dim": int(z0.shape[1]), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "torchdeq": torchdeq_version,
+        },
+        "methods": results,
+        "ratio_anderson_vs_torchdeq": ratio,
+    }
+
+
+def format_report(results: dict) -> str:
+    """Render the dict of :func:`run` as a plain-text table."""
+    c = results["config"]
+    lines = [
+        f"solver benchmark: batch {c['batch_size']}, D {c['dim']}, rel tol {c['tol']:g}, "
+        f"max_iter {c['max_iter']}, {c['repeats']} repeats, device {c['device']}, {c['threads']} threads, "
+        f"torch {c['torch']}, torchdeq {c['torchdeq']}",
+        f"{'method':<18} {'s/solve':>8} {'f evals':>7} {'ms/f':>7} {'outside f':>9} {'max rel':>9} "
+        f"{'checked':>9}  statuses",
+    ]
+    for m, r in results["methods"].items():
+        statuses = ", ".join(f"{k} {v}" for k, v in r["statuses"].items())
+        lines.append(
+            f"{m:<18} {r['time_per_solve_s']:8.3f} {r['f_evals']:7d} {1e3 * r['time_per_f_eval_s']:7.1f} "
+            f"{100 * r['outside_f_fraction']:8.1f}% {r['max_rel_residual']:9.2e} "
+            f"{r['max_rel_residual_checked']:9.2e}  {statuses}"
+        )
+    ratio = results.get("ratio_anderson_vs_torchdeq")
+    if ratio is not None:
+        lines.append(f"ours anderson / torchdeq anderson, time per solve: {ratio:.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,8 @@
+"""Fixed-point solvers with per-sample stopping, explicit status and optional certificates."""
+
+from __future__ import annotations
+
+from .result import Solution, Status
+from .solve import METHODS, solve
+
+__all__ = ["METHODS", "Solution", "Status", "solve"]

@@ -1,0 +1,227 @@
+"""Shared machinery of the fixed-point solvers: input checks, the flat (B, D) view of ``f``, and the
+per-sample driver loop (residuals, best-iterate tracking, stopping and status logic).
+
+A method is a *stepper*: an object with ``step(z, fz, g) -> z_next`` that proposes the next iterate
+from the current one, its image ``fz = f(z)`` and its residual ``g = fz - z`` (all ``(B, D)``, always
+finite). The driver owns everything else, so each method module only holds its update rule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from .result import Solution, Status
+
+STOP_MODES = ("rel", "abs", "cert")
+
+
+class Stepper(Protocol):
+    """The update rule of one method (see module docstring)."""
+
+    def residual_out(self) -> torch.Tensor | None:
+        """A ``(B, D)`` buffer the driver may write the next residual into, or None."""
+
+    def step(self, z: torch.Tensor, fz: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Return the next iterate (the driver masks it for stopped samples)."""
+
+
+def check_real(
+    name: str, value: object, *, above: float, inclusive: bool = False, finite: bool = True
+) -> float:
+    """Return ``value`` as a float if it is a real number ``> above`` (``>=`` if inclusive), else raise."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    if (finite and not math.isfinite(value)) or value < above or (value == above and not inclusive):
+        bound = f"{'>=' if inclusive else '>'} {above}" + (" and finite" if finite else "")
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    return float(value)
+
+
+def check_int(name: str, value: object, *, minimum: int) -> int:
+    """Return ``value`` if it is an int ``>= minimum``; TypeError for non-ints, ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_z0(z0: object) -> torch.Tensor:
+    """Validate the initial state and return it as a detached ``(B, D)`` view (never written to)."""
+    if not isinstance(z0, torch.Tensor):
+        raise TypeError(f"z0 must be a torch.Tensor of shape (B, ...), got {type(z0).__name__}")
+    if z0.dim() == 0:
+        raise ValueError("z0 must have a batch dimension: shape (B, ...), got a 0-dim tensor")
+    if z0.shape[0] == 0:
+        raise ValueError(f"z0 has an empty batch: shape {tuple(z0.shape)}")
+    if not z0.is_floating_point():
+        raise TypeError(f"z0 must be a floating-point tensor, got dtype {z0.dtype}")
+    z = z0.detach().reshape(z0.shape[0], -1)
+    if z.shape[1] == 0:
+        raise ValueError(f"z0 has no elements per sample: shape {tuple(z0.shape)}")
+    if not bool(torch.isfinite(z).all()):
+        raise ValueError("z0 contains NaN or Inf")
+    return z
+
+
+def check_lipschitz(lipschitz: float | torch.Tensor | None, z: torch.Tensor) -> torch.Tensor | None:
+    """Validate ``lipschitz`` (a float or a ``(B,)`` tensor in (0, 1)); return a float64 ``(B,)`` tensor."""
+    if lipschitz is None:
+        return None
+    if isinstance(lipschitz, bool) or not isinstance(lipschitz, int | float | torch.Tensor):
+        raise TypeError(f"lipschitz must be a float or a (B,) tensor, got {type(lipschitz).__name__}")
+    L = torch.as_tensor(lipschitz, dtype=torch.float64, device=z.device).detach()
+    if L.dim() == 0:
+        L = L.expand(z.shape[0])
+    elif tuple(L.shape) != (z.shape[0],):
+        raise ValueError(f"lipschitz tensor must have shape ({z.shape[0]},), got {tuple(L.shape)}")
+    if not bool(((L > 0) & (L < 1)).all()):
+        raise ValueError(f"lipschitz must lie in the open interval (0, 1), got {lipschitz}")
+    return L.clone()
+
+
+def check_settings(tol: float, stop_mode: str, max_iter: int, divergence_factor: float, eps: float) -> None:
+    """Validate the scalar settings shared by every method."""
+    if stop_mode not in STOP_MODES:
+        raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
+    check_real("tol", tol, above=0.0)
+    check_int("max_iter", max_iter, minimum=1)
+    check_real("divergence_factor", divergence_factor, above=1.0, finite=False)
+    check_real("eps", eps, above=0.0, inclusive=True)
+
+
+def flat_map(f: Callable[[torch.Tensor], torch.Tensor], shape: torch.Size, z: torch.Tensor):
+    """Wrap ``f`` as a map on the flat ``(B, D)`` state that checks the output's shape, dtype and device."""
+    if not callable(f):
+        raise TypeError(f"f must be callable, got {type(f).__name__}")
+
+    def ff(x: torch.Tensor) -> torch.Tensor:
+        out = f(x.view(shape))
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"f must return a torch.Tensor, got {type(out).__name__}")
+        if out.shape != shape:
+            raise ValueError(f"f must preserve the shape of z: input shape {tuple(shape)}, "
+                             f"output shape {tuple(out.shape)}")
+        if out.dtype != z.dtype or out.device != z.device:
+            raise TypeError(f"f must preserve dtype and device: input {z.dtype} on {z.device}, "
+                            f"output {out.dtype} on {out.device}")
+        return out.detach().reshape(z.shape)
+
+    return ff
+
+
+def drive(
+    ff: Callable[[torch.Tensor], torch.Tensor],
+    z: torch.Tensor,
+    stepper_factory: Callable[[torch.Tensor], Stepper],
+    *,
+    tol: float,
+    stop_mode: str,
+    max_iter: int,
+    lipschitz: torch.Tensor | None,
+    return_trace: bool,
+    divergence_factor: float,
+    eps: float,
+) -> Solution:
+    """Run a method to per-sample convergence on the flat state ``z`` (see :func:`lipdeq.solvers.solve`).
+
+    Iteration ``k`` (``k = 1..max_iter``) evaluates ``f`` once on the whole batch at the current iterates.
+    A sample that stops (converged, diverged, non-finite) keeps its iterate frozen from then on (updates
+    are masked with ``torch.where``); the loop ends when no sample is active or after ``max_iter``
+    evaluations. The only host synchronisation per iteration is one small ``tolist()``.
+    """
+    B = z.shape[0]
+    dev, dt = z.device, z.dtype
+    inf = torch.full((B,), math.inf, device=dev, dtype=dt)
+    z_init = z
+    best_fz = z  # the returned value: f(z_best); z0 itself while no finite f(z) was seen
+    best_abs, best_rel, best_crit, min_abs = inf.clone(), inf.clone(), inf.clone(), inf.clone()
+    best_step = torch.zeros(B, dtype=torch.long, device=dev)
+    status = torch.full((B,), int(Status.MAX_ITER), dtype=torch.int8, device=dev)
+    active = torch.ones(B, dtype=torch.bool, device=dev)
+    cert_scale = None if lipschitz is None else (lipschitz / (1 - lipschitz)).to(dt)
+    abs_trace: list[torch.Tensor] = []
+    rel_trace: list[torch.Tensor] = []
+    last_abs, last_rel = inf, inf
+    all_active = True
+    stepper = stepper_factory(z)
+
+    n_f = 0
+    while True:
+        fz = ff(z)
+        n_f += 1
+        out = stepper.residual_out()
+        g = torch.sub(fz, z) if out is None else torch.sub(fz, z, out=out)
+        abs_r = torch.linalg.vector_norm(g, dim=1)
+        fz_norm = torch.linalg.vector_norm(fz, dim=1)
+        rel_r = abs_r / (fz_norm + eps)
+        if eps == 0:  # 0/0 at an exact fixed point at the origin
+            rel_r = torch.where(abs_r == 0, 0.0, rel_r)
+        # z is always finite, so a non-finite norm means f(z) has NaN/Inf or its norm overflowed;
+        # the (rare) overflow case is told apart below, after the synchronisation.
+        finite = torch.isfinite(fz_norm) & torch.isfinite(abs_r)
+        if stop_mode == "abs":
+            crit = abs_r
+        elif stop_mode == "rel":
+            crit = rel_r
+        else:  # cert: the a-posteriori bound L/(1-L) ||f(z)-z|| on ||f(z) - z*||
+            crit = cert_scale * abs_r
+
+        # Status logic on (B,) tensors. Only active samples may change anything.
+        ok = active & finite
+        improved = ok & (crit < best_crit)
+        best_abs = torch.where(improved, abs_r, best_abs)
+        best_rel = torch.where(improved, rel_r, best_rel)
+        best_crit = torch.where(improved, crit, best_crit)
+        best_step = torch.where(improved, n_f, best_step)
+        nonfinite = active & ~finite
+        diverged = ok & (abs_r > divergence_factor * min_abs)
+        min_abs = torch.where(ok, torch.minimum(min_abs, abs_r), min_abs)
+        converged = ok & (best_crit < tol)
+        status = torch.where(nonfinite, int(Status.NON_FINITE), status)
+        status = torch.where(diverged, int(Status.DIVERGED), status)
+        status = torch.where(converged, int(Status.CONVERGED), status)
+        if return_trace:
+            last_abs = torch.where(active, abs_r, last_abs)
+            last_rel = torch.where(active, rel_r, last_rel)
+            abs_trace.append(last_abs)
+            rel_trace.append(last_rel)
+        active = active & ~(nonfinite | diverged | converged)
+
+        # The one host synchronisation of the iteration.
+        n_active, n_bad, n_improved = torch.stack([active.sum(), (~finite).sum(), improved.sum()]).tolist()
+        if n_improved == B:
+            best_fz = fz  # fz is never modified in place, so no copy is needed
+        elif n_improved:
+            best_fz = torch.where(improved[:, None], fz, best_fz)
+        if n_bad:
+            rows_finite = torch.isfinite(fz).all(dim=1)
+            status = torch.where(nonfinite & rows_finite, int(Status.DIVERGED), status)  # norm overflow
+            # neutralise non-finite rows before any batched linear algebra of the method
+            fz = torch.where(finite[:, None], fz, z)
+            g = torch.where(finite[:, None], g, 0.0) if out is None else g.masked_fill_(~finite[:, None], 0.0)
+        if n_active == 0 or n_f >= max_iter:
+            break
+        z_next = stepper.step(z, fz, g)
+        all_active = all_active and n_active == B
+        z = z_next if all_active else torch.where(active[:, None], z_next, z)
+
+    error_bound = None if cert_scale is None else cert_scale * best_abs
+    return Solution(
+        value=best_fz.clone() if best_fz is z_init else best_fz,
+        status=status,
+        nstep=best_step,
+        abs_residual=best_abs,
+        rel_residual=best_rel,
+        error_bound=error_bound,
+        n_f_evals=n_f,
+        stop_mode=stop_mode,
+        tol=float(tol),
+        max_iter=max_iter,
+        abs_trace=torch.stack(abs_trace) if return_trace else None,
+        rel_trace=torch.stack(rel_trace) if return_trace else None,
+    )
