@@ -3,7 +3,7 @@
 Each class is a family of patterns, told apart by shape, orientation and frequency but not by colour:
 
 ====  =============================================================
-0-3   low-frequency stripes at 0, 45, 90 and 135 degrees (+-12 deg)
+0-3   low-frequency stripes, wave vector at 0, 45, 90, 135 deg (+-12)
 4     checkerboard, any rotation
 5     concentric rings around a random centre
 6     a few Gaussian blobs
