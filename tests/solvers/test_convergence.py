@@ -101,10 +101,11 @@ def test_nonlinear_contraction_matches_newton(method: str) -> None:
 def test_error_bound_is_never_below_true_error(method: str, L: float) -> None:
     """The certificate holds per sample, at every stopping point (several max_iter) and for (B,) tensors."""
     f, z_star = linear_problem(B=6, D=10, L=L, seed=5, orthogonal=True)
+    # tol far above float64 rounding, which neither the certificate nor the closed form can resolve
     Ls = torch.full((6,), L, dtype=f64)
     for max_iter in (1, 2, 5, 40):
         for lip in (L, Ls):
-            sol = solve(f, torch.zeros(6, 10, dtype=f64), method, tol=1e-12, max_iter=max_iter, lipschitz=lip)
+            sol = solve(f, torch.zeros(6, 10, dtype=f64), method, tol=1e-8, max_iter=max_iter, lipschitz=lip)
             err = (sol.value - z_star).norm(dim=1)
             assert sol.error_bound is not None
             assert bool((err <= sol.error_bound).all()), (max_iter, err, sol.error_bound)

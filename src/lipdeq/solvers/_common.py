@@ -17,6 +17,8 @@ import torch
 from .result import Solution, Status
 
 STOP_MODES = ("rel", "abs", "cert")
+CONVERGED, MAX_ITER = int(Status.CONVERGED), int(Status.MAX_ITER)
+DIVERGED, NON_FINITE = int(Status.DIVERGED), int(Status.NON_FINITE)
 
 
 class Stepper(Protocol):
@@ -41,7 +43,7 @@ def check_real(
     return float(value)
 
 
-def check_int(name: str, value: object, *, minimum: int) -> int:
+def check_int(name: str, value: object, minimum: int) -> int:
     """Return ``value`` if it is an int ``>= minimum``; TypeError for non-ints, ValueError otherwise."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -89,7 +91,7 @@ def check_settings(tol: float, stop_mode: str, max_iter: int, divergence_factor:
     if stop_mode not in STOP_MODES:
         raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
     check_real("tol", tol, above=0.0)
-    check_int("max_iter", max_iter, minimum=1)
+    check_int("max_iter", max_iter, 1)
     check_real("divergence_factor", divergence_factor, above=1.0, finite=False)
     check_real("eps", eps, above=0.0, inclusive=True)
 
@@ -117,7 +119,7 @@ def flat_map(f: Callable[[torch.Tensor], torch.Tensor], shape: torch.Size, z: to
 def drive(
     ff: Callable[[torch.Tensor], torch.Tensor],
     z: torch.Tensor,
-    stepper_factory: Callable[[torch.Tensor], Stepper],
+    stepper: Stepper,
     *,
     tol: float,
     stop_mode: str,
@@ -141,14 +143,13 @@ def drive(
     best_fz = z  # the returned value: f(z_best); z0 itself while no finite f(z) was seen
     best_abs, best_rel, best_crit, min_abs = inf.clone(), inf.clone(), inf.clone(), inf.clone()
     best_step = torch.zeros(B, dtype=torch.long, device=dev)
-    status = torch.full((B,), int(Status.MAX_ITER), dtype=torch.int8, device=dev)
+    status = torch.full((B,), MAX_ITER, dtype=torch.int8, device=dev)
     active = torch.ones(B, dtype=torch.bool, device=dev)
     cert_scale = None if lipschitz is None else (lipschitz / (1 - lipschitz)).to(dt)
     abs_trace: list[torch.Tensor] = []
     rel_trace: list[torch.Tensor] = []
     last_abs, last_rel = inf, inf
     all_active = True
-    stepper = stepper_factory(z)
 
     n_f = 0
     while True:
@@ -163,7 +164,7 @@ def drive(
             rel_r = torch.where(abs_r == 0, 0.0, rel_r)
         # z is always finite, so a non-finite norm means f(z) has NaN/Inf or its norm overflowed;
         # the (rare) overflow case is told apart below, after the synchronisation.
-        finite = torch.isfinite(fz_norm) & torch.isfinite(abs_r)
+        finite = (abs_r + fz_norm) < math.inf  # False for NaN too
         if stop_mode == "abs":
             crit = abs_r
         elif stop_mode == "rel":
@@ -171,38 +172,38 @@ def drive(
         else:  # cert: the a-posteriori bound L/(1-L) ||f(z)-z|| on ||f(z) - z*||
             crit = cert_scale * abs_r
 
-        # Status logic on (B,) tensors. Only active samples may change anything.
+        # Status logic on (B,) tensors, kept to few kernels. Only active samples may change anything.
         ok = active & finite
         improved = ok & (crit < best_crit)
         best_abs = torch.where(improved, abs_r, best_abs)
         best_rel = torch.where(improved, rel_r, best_rel)
         best_crit = torch.where(improved, crit, best_crit)
-        best_step = torch.where(improved, n_f, best_step)
-        nonfinite = active & ~finite
+        best_step = best_step.masked_fill(improved, n_f)
         diverged = ok & (abs_r > divergence_factor * min_abs)
         min_abs = torch.where(ok, torch.minimum(min_abs, abs_r), min_abs)
         converged = ok & (best_crit < tol)
-        status = torch.where(nonfinite, int(Status.NON_FINITE), status)
-        status = torch.where(diverged, int(Status.DIVERGED), status)
-        status = torch.where(converged, int(Status.CONVERGED), status)
+        nonfinite = active ^ ok  # = active & ~finite
+        status = status.masked_fill(nonfinite, NON_FINITE).masked_fill(diverged, DIVERGED)
+        status = status.masked_fill(converged, CONVERGED)
         if return_trace:
             last_abs = torch.where(active, abs_r, last_abs)
             last_rel = torch.where(active, rel_r, last_rel)
             abs_trace.append(last_abs)
             rel_trace.append(last_rel)
-        active = active & ~(nonfinite | diverged | converged)
+        active = ok & ~(diverged | converged)
 
         # The one host synchronisation of the iteration.
-        n_active, n_bad, n_improved = torch.stack([active.sum(), (~finite).sum(), improved.sum()]).tolist()
+        n_active, n_finite, n_improved = torch.stack([active, finite, improved]).sum(dim=1).tolist()
         if n_improved == B:
             best_fz = fz  # fz is never modified in place, so no copy is needed
         elif n_improved:
             best_fz = torch.where(improved[:, None], fz, best_fz)
-        if n_bad:
+        if n_finite < B:
             rows_finite = torch.isfinite(fz).all(dim=1)
-            status = torch.where(nonfinite & rows_finite, int(Status.DIVERGED), status)  # norm overflow
-            # neutralise non-finite rows before any batched linear algebra of the method
-            fz = torch.where(finite[:, None], fz, z)
+            status = status.masked_fill(nonfinite & rows_finite, DIVERGED)  # norm overflow
+            # neutralise non-finite rows before any batched linear algebra of the method (best_fz is
+            # always finite); these samples are stopped, so what the method does with them is masked
+            fz = torch.where(finite[:, None], fz, best_fz)
             g = torch.where(finite[:, None], g, 0.0) if out is None else g.masked_fill_(~finite[:, None], 0.0)
         if n_active == 0 or n_f >= max_iter:
             break

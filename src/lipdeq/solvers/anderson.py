@@ -3,10 +3,10 @@
 With the last ``n <= m`` iterates ``x_i``, images ``f_i`` and residuals ``g_i = f_i - x_i``, the mixing
 weights ``alpha`` minimise ``||sum_i alpha_i g_i||^2 + lam sum_i ||g_i||^2 alpha_i^2`` subject to
 ``sum_i alpha_i = 1``, i.e. ``alpha = H^-1 1 / (1^T H^-1 1)`` with ``H = G G^T + lam diag(G G^T)``.
-Weighting the Tikhonov term by each entry's own squared residual (floored at machine epsilon times
-the largest) makes ``lam`` scale-invariant, also when the residuals in the window span many orders of
-magnitude; an absolute ``lam`` (TorchDEQ) degrades the method to plain averaging once the residuals
-are small. The next iterate is ``sum_i alpha_i (x_i + beta g_i)``. The Gram matrix is updated
+Weighting the Tikhonov term by each entry's own squared residual makes ``lam`` scale-invariant, also
+when the residuals in the window span many orders of magnitude; an absolute ``lam`` (TorchDEQ)
+degrades the method to plain averaging once the residuals are small. The next iterate is
+``sum_i alpha_i (x_i + beta g_i)``. The Gram matrix is updated
 incrementally (one new row per step), and any sample whose small solve fails or gives non-finite
 weights takes a plain (``beta``-damped) Picard step instead.
 """
@@ -22,7 +22,7 @@ class Anderson:
     """Anderson mixing with memory ``m``, relative regularisation ``lam`` and mixing ``beta``."""
 
     def __init__(self, z: torch.Tensor, *, m: int = 6, lam: float = 1e-4, beta: float = 1.0) -> None:
-        check_int("anderson option m", m, minimum=1)
+        check_int("anderson option m", m, 1)
         check_real("anderson option lam", lam, above=0.0, inclusive=True)
         check_real("anderson option beta", beta, above=0.0)
         B, D = z.shape
@@ -32,8 +32,8 @@ class Anderson:
         self.G = torch.empty(B, m, D, dtype=z.dtype, device=z.device)
         self.GG = torch.zeros(B, m, m, dtype=z.dtype, device=z.device)  # Gram matrix G G^T
         self.ones = torch.ones(B, m, 1, dtype=z.dtype, device=z.device)
+        self.eye = torch.eye(m, dtype=z.dtype, device=z.device)  # row j: weights of a plain Picard step
         self.count = 0
-        self.eps = torch.finfo(z.dtype).eps
 
     def residual_out(self) -> torch.Tensor:
         """The history slot that the next residual goes to (saves a copy per iteration)."""
@@ -52,18 +52,12 @@ class Anderson:
         self.GG[:, :n, j] = row
         if n == 1:
             return fz if self.beta == 1.0 else z + self.beta * g
-        H = self.GG[:, :n, :n]
-        diag = H.diagonal(dim1=1, dim2=2)
-        top = diag.amax(dim=1, keepdim=True)
-        top = torch.where(top > 0, top, 1.0)
-        reg = (diag / top).clamp_min(self.eps) * self.lam  # (B, n) per-entry Tikhonov weights
-        x, info = torch.linalg.solve_ex(H / top[:, :, None] + torch.diag_embed(reg), self.ones[:, :n])
-        total = x.sum(dim=1, keepdim=True)  # (B, 1, 1)
-        alpha = (x / total).transpose(1, 2)  # (B, 1, n)
-        ok = (info == 0) & torch.isfinite(alpha).all(dim=2).squeeze(1) & (total.view(-1) > 0)
-        picard = torch.zeros_like(alpha)
-        picard[:, :, j] = 1.0
-        alpha = torch.where(ok[:, None, None], alpha, picard)
+        H = self.GG[:, :n, :n].clone()
+        H.diagonal(dim1=1, dim2=2).mul_(1.0 + self.lam)  # H + lam diag(H)
+        x, info = torch.linalg.solve_ex(H, self.ones[:, :n])
+        total = x.sum(dim=1)  # (B, 1); NaN or Inf if any weight is
+        ok = (info == 0) & (total.view(-1) > 0) & (total.view(-1) < torch.inf)
+        alpha = torch.where(ok[:, None, None], (x / total[:, None]).transpose(1, 2), self.eye[j, :n])
         z_next = torch.bmm(alpha, self.F[:, :n]).squeeze(1)
         if self.beta != 1.0:
             z_next = z_next - (1.0 - self.beta) * torch.bmm(alpha, self.G[:, :n]).squeeze(1)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from functools import partial
 
 import torch
 
-from ._common import check_lipschitz, check_settings, check_z0, drive, flat_map
+from ._common import check_int, check_lipschitz, check_settings, check_z0, drive, flat_map
 from .anderson import Anderson
 from .broyden import Broyden
 from .picard import Picard
@@ -18,7 +17,7 @@ METHODS = {"anderson": Anderson, "picard": Picard, "broyden": Broyden}
 
 
 def _options(cls: type) -> tuple[str, ...]:
-    return tuple(p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "z"))
+    return tuple(p for p in inspect.signature(cls).parameters if p != "z")
 
 
 def solve(
@@ -39,6 +38,7 @@ def solve(
     Args:
         f: maps a ``(B, ...)`` tensor to one of the same shape, dtype and device; sample ``b`` of the
             output must depend only on sample ``b`` of the input for the per-sample guarantees to hold.
+            It must return a new tensor on each call (``value`` may be one of its outputs).
         z0: initial state ``(B, ...)``, finite, floating point. It is not modified.
         method: ``"anderson"`` (options ``m=6``, ``lam=1e-4``, ``beta=1.0``), ``"picard"`` (option
             ``tau=1.0``) or ``"broyden"`` (option ``m=30``, the number of stored rank-one updates).
@@ -89,14 +89,14 @@ def solve(
     if stop_mode == "cert" and L is None:
         raise ValueError("stop_mode='cert' requires lipschitz=L with 0 < L < 1")
     options = dict(method_options)
-    cls(z[:1], **options)  # validate option values before the first evaluation of f
     if "m" in valid:  # at most max_iter - 1 steps are taken: never allocate unused history
-        default = inspect.signature(cls.__init__).parameters["m"].default
-        options["m"] = min(options.get("m", default), max(1, max_iter - 1))
+        m = options.get("m", inspect.signature(cls).parameters["m"].default)
+        options["m"] = min(check_int(f"{method} option m", m, 1), max(1, max_iter - 1))
+    stepper = cls(z, **options)  # validates the option values before the first evaluation of f
     sol = drive(
         flat_map(f, z0.shape, z),
         z,
-        partial(cls, **options),
+        stepper,
         tol=tol,
         stop_mode=stop_mode,
         max_iter=max_iter,
