@@ -1,0 +1,31 @@
+"""Scaled ReLU: ``slope * relu(x)``, Lipschitz ``|slope|``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ScaledReLU"]
+
+
+class ScaledReLU(nn.Module):
+    """``slope * max(0, x)`` elementwise; Lipschitz constant ``|slope|`` in any norm."""
+
+    def __init__(self, slope: float) -> None:
+        super().__init__()
+        if isinstance(slope, bool) or not isinstance(slope, (int, float)) or not math.isfinite(slope):
+            raise ValueError(f"slope must be a finite number, got {slope!r}")
+        self.slope = float(slope)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return ``slope * relu(x)``."""
+        return torch.relu(x) * self.slope
+
+    def lipschitz_constant(self) -> float:
+        """``|slope|``."""
+        return abs(self.slope)
+
+    def extra_repr(self) -> str:
+        return f"slope={self.slope}"
