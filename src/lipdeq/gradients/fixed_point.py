@@ -97,22 +97,32 @@ def fixed_point(
     if not z_out.requires_grad:  # f closes over nothing that needs a gradient
         return z_out, sol
 
+    in_adjoint_solve = False
+
     def adjoint_hook(grad: torch.Tensor) -> torch.Tensor:
+        nonlocal in_adjoint_solve
+        if in_adjoint_solve or grad is None:  # the vjps below flow through z_out: pass them on
+            return grad
+
         def adjoint_map(w: torch.Tensor) -> torch.Tensor:
             (vjp,) = torch.autograd.grad(z_out, z_in, w, retain_graph=True)
             return vjp + grad
 
-        bsol = solve(
-            adjoint_map,
-            grad.detach(),
-            method=b_solver or solver,
-            tol=b_tol,
-            stop_mode=stop_mode,
-            max_iter=b_max_iter,
-            lipschitz=lipschitz,
-            return_trace=return_trace,
-            **(b_solver_options if b_solver_options is not None else solver_options or {}),
-        )
+        in_adjoint_solve = True
+        try:
+            bsol = solve(
+                adjoint_map,
+                grad.detach(),
+                method=b_solver or solver,
+                tol=b_tol,
+                stop_mode=stop_mode,
+                max_iter=b_max_iter,
+                lipschitz=lipschitz,
+                return_trace=return_trace,
+                **(b_solver_options if b_solver_options is not None else solver_options or {}),
+            )
+        finally:
+            in_adjoint_solve = False
         sol.backward = bsol
         return bsol.value
 

@@ -191,7 +191,8 @@ class MultiscaleDEQ(nn.Module):
         """Summary of the last forward (and backward, once run) solve: iterations, residuals,
         statuses and certified error bounds."""
         out: dict[str, float] = {}
-        for prefix, sol in (("forward", self.last_solution), ("backward", getattr(self.last_solution, "backward", None))):
+        fwd = self.last_solution
+        for prefix, sol in (("forward", fwd), ("backward", fwd.backward if fwd is not None else None)):
             if sol is None:
                 continue
             nstep = sol.nstep.double()

@@ -1,0 +1,342 @@
+"""The training loop: one short loop with DDP, bf16 autocast, exact resume and a non-finite policy.
+
+Rank 0 writes everything (metrics, checkpoints); every rank runs the same loop. Checkpoints hold
+the weights, optimizer and schedule, RNG and data-order state, so ``resume=True`` continues
+mid-epoch exactly where the run stopped (bit-identical on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from lipdeq.configs import RunConfig
+from lipdeq.data import BatchIterator, load_dataset
+from lipdeq.data.loader import derive_seed
+from lipdeq.models import MultiscaleDEQ
+from lipdeq.solvers import Status
+from lipdeq.training.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from lipdeq.training.distributed import (
+    DistContext,
+    all_ranks_true,
+    all_reduce_sum,
+    cleanup_distributed,
+    setup_distributed,
+)
+from lipdeq.training.evaluate import evaluate
+from lipdeq.training.rundir import prepare_run_dir
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Raised after ``train.max_nonfinite_in_row`` consecutive steps with a non-finite value."""
+
+
+@dataclass
+class TrainResult:
+    """What a call to :func:`train` did."""
+
+    out_dir: Path
+    step: int
+    epoch: int
+    stopped_by: str
+    final_eval: dict[str, Any] = field(default_factory=dict)
+    skipped_steps: int = 0
+    checkpoint: Path | None = None
+
+
+def lr_factor(step: int, total_steps: int, warmup: int, schedule: str, lr: float, min_lr: float) -> float:
+    """Multiplier of the base lr at optimizer step ``step``: linear warm-up, then per-step cosine
+    from ``lr`` to ``min_lr`` over ``total_steps`` (or constant)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(max(step - warmup, 0) / max(total_steps - warmup, 1), 1.0)
+    return (min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))) / lr
+
+
+def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """Adam or SGD over all parameters, as the run configuration says."""
+    t = cfg.train
+    if t.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["torch_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    if device.type == "cuda" and "torch_cuda" in state:
+        torch.cuda.set_rng_state(state["torch_cuda"], device)
+
+
+class _MetricsWriter:
+    """metrics.jsonl (always) and TensorBoard (when installed), rank 0 only."""
+
+    def __init__(self, out_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.file = open(out_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None  # noqa: SIM115
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except Exception:  # tensorboard is optional
+                self.tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class _StopSignal:
+    """Turns SIGINT / SIGTERM into a flag checked between steps (main thread only)."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def train(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data`` as ``cfg.train`` says, writing into ``out_dir``.
+
+    Works in one process or under ``torchrun`` (DDP). ``resume`` continues from the latest
+    checkpoint in ``out_dir``; ``overwrite`` allows reusing a directory that holds another run.
+    ``on_step`` receives each logged training record (used by the demo and benchmarks).
+    """
+    out_dir = Path(out_dir)
+    ctx = setup_distributed(device)
+    try:
+        if ctx.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with prepare_run_dir(out_dir, resume=resume, overwrite=overwrite):
+                return _train(cfg, out_dir, ctx, resume, progress, on_step)
+        return _train(cfg, out_dir, ctx, resume, progress, on_step)
+    finally:
+        cleanup_distributed()
+
+
+def _train(
+    cfg: RunConfig,
+    out_dir: Path,
+    ctx: DistContext,
+    resume: bool,
+    progress: bool,
+    on_step: Callable[[dict[str, Any]], None] | None,
+) -> TrainResult:
+    t, d = cfg.train, cfg.data
+    if t.num_threads is not None:
+        torch.set_num_threads(t.num_threads)
+    if t.batch_size % ctx.world_size:
+        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the {ctx.world_size} processes")
+    dev = ctx.device
+    torch.manual_seed(t.seed)
+
+    train_x, train_y = load_dataset(d.dataset, "train", data_dir=d.data_dir, subset=d.train_subset, seed=t.seed)
+    test_x, test_y = load_dataset(d.dataset, "test", data_dir=d.data_dir, subset=d.test_subset, seed=t.seed)
+    loader = BatchIterator(
+        train_x, train_y, t.batch_size // ctx.world_size, shuffle=True, augment=d.augment,
+        seed=t.seed, drop_last=True, rank=ctx.rank, world_size=ctx.world_size,
+    )
+
+    model = MultiscaleDEQ(cfg.model).to(dev)
+    if t.compile:
+        model.layer.compile()
+    optimizer = build_optimizer(model, cfg)
+    total_steps = t.epochs * len(loader)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, t.warmup_steps, t.schedule, t.lr, t.min_lr)
+    )
+    step, skipped, nonfinite_in_row = 0, 0, 0
+    ckpt_dir = out_dir / "checkpoints"
+    if resume:
+        latest = find_latest(ckpt_dir)
+        if latest is None:
+            raise FileNotFoundError(f"--resume: no checkpoint found in {ckpt_dir}")
+        ck = load_checkpoint(latest, expected_model_name=cfg.model.name, map_location=dev)
+        model.load_state_dict(ck.model_state)
+        optimizer.load_state_dict(ck.optimizer_state)
+        extra = ck.meta["extra_state"]
+        schedule.load_state_dict(extra["scheduler"])
+        loader.load_state_dict(extra["data"])  # every rank is at the same position
+        step, skipped = ck.meta["step"], extra.get("skipped_steps", 0)
+        _set_rng_state(ck.rng_state, dev)
+
+    net: nn.Module = model
+    if ctx.distributed:
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    writer = _MetricsWriter(out_dir, ctx.is_main)
+    use_amp = t.amp == "bf16"
+    max_steps = t.max_steps if t.max_steps is not None else total_steps
+    bar = None
+    if progress and ctx.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=min(max_steps, total_steps), initial=step, desc=cfg.model.name, dynamic_ncols=True)
+
+    def checkpoint(tag: str = "last") -> Path | None:
+        if not ctx.is_main:
+            return None
+        return save_checkpoint(
+            ckpt_dir, model=model, optimizer=optimizer, scheduler_state=None, config=cfg.to_dict(),
+            step=step, epoch=loader.epoch,
+            extra_state={"scheduler": schedule.state_dict(), "data": loader.state_dict(), "skipped_steps": skipped},
+            rng_state=_rng_state(dev), tag=tag,
+        )
+
+    stopped_by = "epochs"
+    last_ckpt: Path | None = None
+    final_eval: dict[str, Any] = {}
+    with _StopSignal() as stop:
+        while step < max_steps and loader.epoch < t.epochs:
+            epoch = loader.epoch
+            net.train()
+            for x, y in loader:
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                t0 = time.perf_counter()
+                pretrain = step < t.pretrain_steps
+                use_jac = _use_jac_reg(t, step, epoch, pretrain)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+                    out = net(x, unrolled=pretrain, return_jac_loss=bool(use_jac))
+                logits, jac = out if use_jac else (out, None)
+                ce = F.cross_entropy(logits.float(), y)
+                loss = ce + t.jac_reg_weight * jac.float() if jac is not None else ce
+                sol = model.last_solution
+                bad_fixed_point = sol is not None and bool((sol.status == int(Status.NON_FINITE)).any())
+                optimizer.zero_grad(set_to_none=True)
+                # Every rank takes the same branch, so DDP's collectives never deadlock.
+                finite = all_ranks_true(bool(torch.isfinite(loss)) and not bad_fixed_point, ctx)
+                if finite:
+                    loss.backward()
+                    if t.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                    grads_ok = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+                    finite = all_ranks_true(grads_ok, ctx)
+                if not finite:
+                    skipped += 1
+                    nonfinite_in_row += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    if nonfinite_in_row >= t.max_nonfinite_in_row:
+                        raise NonFiniteTrainingError(
+                            f"{nonfinite_in_row} consecutive steps with a non-finite loss, gradient or fixed "
+                            f"point (step {step}); no update was applied and the last checkpoint in {ckpt_dir} "
+                            "holds finite weights. Lower train.lr or check the data."
+                        )
+                    continue
+                nonfinite_in_row = 0
+                optimizer.step()
+                schedule.step()
+                step += 1
+                dt = time.perf_counter() - t0
+                if bar is not None:
+                    bar.update(1)
+                if step % t.log_every == 0 or step == max_steps:
+                    acc = float((logits.argmax(1) == y).float().mean())
+                    sums = all_reduce_sum([float(ce), acc], ctx)
+                    record = {
+                        "kind": "train", "step": step, "epoch": epoch, "loss": sums[0] / ctx.world_size,
+                        "accuracy": sums[1] / ctx.world_size, "lr": schedule.get_last_lr()[0],
+                        "step_time": dt, "images_per_s": x.shape[0] * ctx.world_size / dt,
+                        "pretrain": pretrain, "skipped_steps": skipped, **model.solver_stats(),
+                    }
+                    if jac is not None:
+                        record["jac_loss"] = float(jac)
+                    writer.write(record)
+                    if bar is not None:
+                        bar.set_postfix(
+                            loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}",
+                            f=f"{record.get('forward_nstep_mean', 0):.1f}",
+                            b=f"{record.get('backward_nstep_mean', 0):.1f}",
+                        )
+                    if on_step is not None:
+                        on_step(record)
+                if stop.received or step >= max_steps:
+                    break
+            if stop.received:
+                stopped_by = f"signal:{stop.received}"
+                break
+            if step >= max_steps:
+                stopped_by = "max_steps"
+                break
+            if (epoch + 1) % t.eval_every_epochs == 0 and ctx.is_main:
+                final_eval = evaluate(model, test_x, test_y, batch_size=t.eval_batch_size, device=dev, amp=use_amp)
+                writer.write({"kind": "eval", "step": step, "epoch": epoch, **_scalars(final_eval)})
+            if (epoch + 1) % t.checkpoint_every_epochs == 0:
+                last_ckpt = checkpoint() or last_ckpt
+        if bar is not None:
+            bar.close()
+        if ctx.is_main and not stop.received:
+            final_eval = evaluate(model, test_x, test_y, batch_size=t.eval_batch_size, device=dev, amp=use_amp)
+            final_eval["certificate"] = model.lipschitz_bound().value
+            writer.write({"kind": "eval", "step": step, "epoch": loader.epoch, **_scalars(final_eval)})
+        last_ckpt = checkpoint() or last_ckpt
+    writer.close()
+    return TrainResult(out_dir, step, loader.epoch, stopped_by, final_eval, skipped, last_ckpt)
+
+
+def _use_jac_reg(t: Any, step: int, epoch: int, pretrain: bool) -> bool:
+    """Bai et al. 2021: apply the Jacobian penalty with probability ``jac_reg_freq`` (a coin drawn
+    from a generator seeded by the step, so resuming replays the same decisions)."""
+    if pretrain or t.jac_reg_weight <= 0 or (t.jac_reg_stop_epoch is not None and epoch >= t.jac_reg_stop_epoch):
+        return False
+    coin = torch.rand((), generator=torch.Generator().manual_seed(derive_seed("jac", t.seed, step)))
+    return bool(coin < t.jac_reg_freq)
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
