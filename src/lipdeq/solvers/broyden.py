@@ -35,16 +35,16 @@ class Broyden:
         n = min(self.count, self.m)
         if n == 0:
             return -x
-        vx = torch.bmm(self.V[:, :n], x.unsqueeze(2))  # (B, n, 1)
-        return -x + torch.bmm(vx.transpose(1, 2), self.U[:, :n]).squeeze(1)
+        vx = torch.bmm(x.unsqueeze(1), self.V[:, :n].transpose(1, 2))  # (B, 1, n); x^T V^T is fast on CPU
+        return -x + torch.bmm(vx, self.U[:, :n]).squeeze(1)
 
     def _rmatvec(self, x: torch.Tensor) -> torch.Tensor:
         """``Binv^T x`` for ``x`` of shape (B, D)."""
         n = min(self.count, self.m)
         if n == 0:
             return -x
-        ux = torch.bmm(self.U[:, :n], x.unsqueeze(2))
-        return -x + torch.bmm(ux.transpose(1, 2), self.V[:, :n]).squeeze(1)
+        ux = torch.bmm(x.unsqueeze(1), self.U[:, :n].transpose(1, 2))
+        return -x + torch.bmm(ux, self.V[:, :n]).squeeze(1)
 
     def residual_out(self) -> None:
         """No residual buffer: the driver allocates the residual."""
