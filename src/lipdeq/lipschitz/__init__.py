@@ -24,6 +24,7 @@ from lipdeq.lipschitz.operator_norm import (
     circular_grid_size,
     conv_module_operator_norm,
     conv_operator_norm,
+    polyphase_dft_blocks,
     power_iteration_conv_norm,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "downsample_fusion_bound",
     "effective_weight",
     "find_operator_norm_cap",
+    "polyphase_dft_blocks",
     "post_fusion_bound",
     "power_iteration_conv_norm",
     "residual_block_bound",
