@@ -187,3 +187,16 @@ def test_groups_and_dilation_and_bad_inputs():
         apply_operator_norm_cap(nn.Conv2d(2, 2, 3, padding_mode="reflect"), 1.0, (7, 7))
     with pytest.raises(ValueError, match="operator"):
         apply_operator_norm_cap(nn.Conv2d(2, 2, 3), 1.0, (7, 7), operator="reshape")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_one_by_one_conv_cap_is_matrix_norm_cap(stride):
+    torch.manual_seed(9)
+    conv = nn.Conv2d(6, 5, 1, stride=stride, bias=False)
+    weight_norm(conv)
+    with torch.no_grad():
+        conv.parametrizations.weight.original0.mul_(10.0)
+    apply_operator_norm_cap(conv, 2.0, (8, 8))
+    w = effective_weight(conv)
+    assert float(torch.linalg.matrix_norm(w[:, :, 0, 0], ord=2)) == pytest.approx(2.0, rel=1e-5)
+    assert conv_operator_norm(w, (8, 8), stride=stride) == pytest.approx(2.0, rel=1e-5)

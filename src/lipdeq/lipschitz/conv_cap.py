@@ -6,8 +6,8 @@ uses ``cap(weight_norm(g, v))``: the cap constrains the effective weight, and no
 g or v can undo it (DESIGN pitfall 1). Like ``torch.nn.utils.parametrizations.spectral_norm`` it
 keeps a persistent power-iteration vector, advances it a few steps per forward in training mode
 (under ``no_grad``), estimates the norm sigma with gradient and returns ``W / max(1, sigma / cap)``.
-Unlike it, sigma is the norm of the convolution OPERATOR on the real input shape (computed with
-``F.conv2d`` / ``F.conv_transpose2d``), not of the reshaped kernel matrix (pitfall 2).
+Unlike it, sigma is the norm of the convolution OPERATOR for the real input shape, not of the
+reshaped kernel matrix (pitfall 2).
 
 Three ways to compute sigma (``operator=``); all cap an operator whose norm is >= the real one's:
 
@@ -189,10 +189,13 @@ class OperatorNormCap(nn.Module):
         (n_h, n_w), (s_h, s_w) = self.dft_grid, self.stride
         m_h, m_w = n_h // s_h, n_w // s_w
         dev = vec.device
+
         def phases(nu: int, m: int, s: int, n: int) -> Tensor:
             omega = nu + m * torch.arange(s, device=dev)
-            ang = (-2.0 * math.pi / n) * ((omega[:, None] * torch.arange(n, device=dev)[None, :]) % n)
-            return torch.polar(torch.ones_like(ang, dtype=torch.float64), ang.to(torch.float64)).to(vec.dtype)
+            prod = (omega[:, None] * torch.arange(n, device=dev)[None, :]) % n
+            ang = (-2.0 * math.pi / n) * prod.to(torch.float64)
+            return torch.polar(torch.ones_like(ang), ang).to(vec.dtype)
+
         e_h, e_w = phases(r, m_h, s_h, n_h), phases(c, m_w, s_w, n_w)
         ci_g = vec.numel() // (s_h * s_w)
         xg = torch.einsum("ay,bz,abi->iyz", e_h, e_w, vec.reshape(s_h, s_w, ci_g))
