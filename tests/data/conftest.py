@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -11,20 +10,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
-@pytest.fixture(scope="session")
-def real_cifar_dir() -> Path:
-    """The real CIFAR-10 batches beside the checkout; skip when absent, but fail when CI == 'true'."""
-    folder = SHARED_DATA / "cifar-10-batches-py"
-    if not (folder / "test_batch").is_file():
-        message = f"real CIFAR-10 data not found at {folder} (expected ../shared/data beside the checkout)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message + "; CI=true requires it")
-        pytest.skip(message)
-    return folder
 
 
 def fake_batch(labels: np.ndarray | None = None, offset: int = 0) -> dict[str, Any]:

@@ -6,11 +6,19 @@ imports lipdeq.models, whose registry imports ``list_presets`` / ``model_preset`
 
 from __future__ import annotations
 
-from lipdeq.configs.loader import ConfigError, list_presets, load_config, model_preset, parse_override
+from lipdeq.configs.loader import (
+    ConfigError,
+    config_from_dict,
+    list_presets,
+    load_config,
+    model_preset,
+    parse_override,
+)
 from lipdeq.configs.schema import DataConfig, RunConfig, TrainConfig
 
 __all__ = [
     "ConfigError",
+    "config_from_dict",
     "DataConfig",
     "RunConfig",
     "TrainConfig",

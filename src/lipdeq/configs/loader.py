@@ -377,3 +377,16 @@ def load_config(preset_or_path: str | os.PathLike[str], overrides: Sequence[str]
     if overrides:
         what += " with overrides " + " ".join(overrides)
     return _validate(data, origin, what)
+
+
+def config_from_dict(
+    data: Mapping[str, Any], overrides: Sequence[str] = (), *, what: str = "configuration"
+) -> RunConfig:
+    """Validate a configuration mapping (e.g. the one stored in a checkpoint) after applying
+    ``key.sub=value`` overrides, with the same strict checks and messages as :func:`load_config`."""
+    origin: dict[str, str] = {}
+    merged = _deep_merge({}, data, what, origin)
+    for item in overrides:
+        parts, value = parse_override(item)
+        merged = _apply_override(merged, parts, value, f"override {item!r}", origin)
+    return _validate(merged, origin, what)

@@ -38,6 +38,7 @@ class TrainConfig(BaseModel):
 
     epochs: int = Field(ge=1)
     max_steps: int | None = Field(None, ge=1)
+    max_seconds: float | None = Field(None, gt=0.0)
     batch_size: int = Field(ge=1)
     eval_batch_size: int = Field(256, ge=1)
     optimizer: Literal["adam", "sgd"] = "adam"
@@ -58,6 +59,7 @@ class TrainConfig(BaseModel):
     log_every: int = Field(10, ge=1)
     eval_every_epochs: int = Field(1, ge=1)
     checkpoint_every_epochs: int = Field(1, ge=1)
+    checkpoint_every_steps: int | None = Field(None, ge=1)
     max_nonfinite_in_row: int = Field(5, ge=1)
     num_threads: int | None = Field(None, ge=1)
 

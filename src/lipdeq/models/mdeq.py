@@ -109,8 +109,17 @@ class MultiscaleDEQ(nn.Module):
 
     @contextlib.contextmanager
     def cached_weights(self) -> Iterator[None]:
-        """Compute parametrized weights (weight norm, caps) once for everything inside the block."""
+        """Compute parametrized weights (weight norm, caps) once for everything inside the block.
+
+        The weights are materialised on entry, in the caller's grad mode, so that a first access
+        from inside a ``no_grad`` region (the forward solve, the certificate) cannot cache a weight
+        that is cut off from its parameters.
+        """
         with parametrize.cached():
+            for module in self.modules():
+                if parametrize.is_parametrized(module):
+                    for name in module.parametrizations:
+                        getattr(module, name)
             yield
 
     # ------------------------------------------------------------------ forward

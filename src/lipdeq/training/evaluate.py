@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,3 +90,40 @@ def evaluate(
         if bounds:
             out["error_bound_max"] = float(torch.cat(bounds).max())
     return out
+
+
+def evaluate_checkpoint(
+    path: str | Path, *, overrides: Sequence[str] = (), device: str | None = None
+) -> dict[str, Any]:
+    """Load a checkpoint (run directory, checkpoint directory or meta.json), rebuild its model from
+    the stored configuration (``data.*`` keys may be overridden), and evaluate it on the test split.
+
+    Returns the metrics of :func:`evaluate` plus ``model``, ``step``, ``certificate`` (the certified
+    Lipschitz bound, ``inf`` for the baseline) and ``checkpoint``.
+    """
+    from lipdeq.configs import config_from_dict
+    from lipdeq.data import load_dataset
+    from lipdeq.models import MultiscaleDEQ
+    from lipdeq.training.checkpoint import CheckpointError, load_checkpoint
+
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    ck = load_checkpoint(path)
+    cfg = config_from_dict(ck.config, overrides, what=f"configuration stored in {ck.path}")
+    if cfg.model.name != ck.model_name:
+        raise CheckpointError(f"{ck.path}: overrides may not change the model ({ck.model_name!r})")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = MultiscaleDEQ(cfg.model)
+    try:
+        model.load_state_dict(ck.model_state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{ck.path}: weights do not fit model {cfg.model.name!r}: {err}") from None
+    model.to(dev)
+    d = cfg.data
+    images, labels = load_dataset(d.dataset, "test", data_dir=d.data_dir, subset=d.test_subset, seed=cfg.train.seed)
+    metrics = evaluate(model, images, labels, batch_size=cfg.train.eval_batch_size, device=dev,
+                       amp=cfg.train.amp == "bf16")
+    cert = model.lipschitz_bound()
+    return {"model": cfg.model.name, "step": ck.step, "checkpoint": str(ck.path), **metrics,
+            "certificate": cert.value, "certificate_reason": cert.reason}

@@ -26,7 +26,13 @@ from lipdeq.data import BatchIterator, load_dataset
 from lipdeq.data.loader import derive_seed
 from lipdeq.models import MultiscaleDEQ
 from lipdeq.solvers import Status
-from lipdeq.training.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from lipdeq.training.checkpoint import (
+    capture_rng_state,
+    find_latest,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from lipdeq.training.distributed import (
     DistContext,
     all_ranks_true,
@@ -53,6 +59,7 @@ class TrainResult:
     final_eval: dict[str, Any] = field(default_factory=dict)
     skipped_steps: int = 0
     checkpoint: Path | None = None
+    train_seconds: float = 0.0
 
 
 def lr_factor(step: int, total_steps: int, warmup: int, schedule: str, lr: float, min_lr: float) -> float:
@@ -72,19 +79,6 @@ def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     if t.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-
-
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"torch_cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["torch_cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["torch_cpu"])
-    if device.type == "cuda" and "torch_cuda" in state:
-        torch.cuda.set_rng_state(state["torch_cuda"], device)
 
 
 class _MetricsWriter:
@@ -203,18 +197,16 @@ def _train(
     )
     step, skipped, nonfinite_in_row = 0, 0, 0
     ckpt_dir = out_dir / "checkpoints"
-    if resume:
-        latest = find_latest(ckpt_dir)
-        if latest is None:
-            raise FileNotFoundError(f"--resume: no checkpoint found in {ckpt_dir}")
+    latest = find_latest(ckpt_dir) if resume else None
+    if latest is not None:  # resume on an empty directory starts afresh (convenient for preemptible jobs)
         ck = load_checkpoint(latest, expected_model_name=cfg.model.name, map_location=dev)
         model.load_state_dict(ck.model_state)
         optimizer.load_state_dict(ck.optimizer_state)
-        extra = ck.meta["extra_state"]
+        extra = ck.extra_state
         schedule.load_state_dict(extra["scheduler"])
         loader.load_state_dict(extra["data"])  # every rank is at the same position
-        step, skipped = ck.meta["step"], extra.get("skipped_steps", 0)
-        _set_rng_state(ck.rng_state, dev)
+        step, skipped = ck.step, extra.get("skipped_steps", 0)
+        restore_rng_state(ck.rng_state)
 
     net: nn.Module = model
     if ctx.distributed:
@@ -236,10 +228,12 @@ def _train(
             ckpt_dir, model=model, optimizer=optimizer, scheduler_state=None, config=cfg.to_dict(),
             step=step, epoch=loader.epoch,
             extra_state={"scheduler": schedule.state_dict(), "data": loader.state_dict(), "skipped_steps": skipped},
-            rng_state=_rng_state(dev), tag=tag,
+            rng_state=capture_rng_state(), tag=tag,
         )
 
     stopped_by = "epochs"
+    train_seconds = 0.0  # wall-clock spent in training steps (train.max_seconds budget)
+    out_of_time = False
     last_ckpt: Path | None = None
     final_eval: dict[str, Any] = {}
     with _StopSignal() as stop:
@@ -283,11 +277,14 @@ def _train(
                 schedule.step()
                 step += 1
                 dt = time.perf_counter() - t0
+                train_seconds += dt
+                if t.checkpoint_every_steps is not None and step % t.checkpoint_every_steps == 0:
+                    last_ckpt = checkpoint() or last_ckpt
                 if bar is not None:
                     bar.update(1)
                 if step % t.log_every == 0 or step == max_steps:
                     acc = float((logits.argmax(1) == y).float().mean())
-                    sums = all_reduce_sum([float(ce), acc], ctx)
+                    sums = all_reduce_sum([float(ce.detach()), acc], ctx)
                     record = {
                         "kind": "train", "step": step, "epoch": epoch, "loss": sums[0] / ctx.world_size,
                         "accuracy": sums[1] / ctx.world_size, "lr": schedule.get_last_lr()[0],
@@ -295,7 +292,7 @@ def _train(
                         "pretrain": pretrain, "skipped_steps": skipped, **model.solver_stats(),
                     }
                     if jac is not None:
-                        record["jac_loss"] = float(jac)
+                        record["jac_loss"] = float(jac.detach())
                     writer.write(record)
                     if bar is not None:
                         bar.set_postfix(
@@ -305,13 +302,17 @@ def _train(
                         )
                     if on_step is not None:
                         on_step(record)
-                if stop.received or step >= max_steps:
+                out_of_time = t.max_seconds is not None and all_ranks_true(train_seconds >= t.max_seconds, ctx)
+                if stop.received or step >= max_steps or out_of_time:
                     break
             if stop.received:
                 stopped_by = f"signal:{stop.received}"
                 break
             if step >= max_steps:
                 stopped_by = "max_steps"
+                break
+            if out_of_time:
+                stopped_by = "max_seconds"
                 break
             if (epoch + 1) % t.eval_every_epochs == 0 and ctx.is_main:
                 final_eval = evaluate(model, test_x, test_y, batch_size=t.eval_batch_size, device=dev, amp=use_amp)
@@ -326,7 +327,7 @@ def _train(
             writer.write({"kind": "eval", "step": step, "epoch": loader.epoch, **_scalars(final_eval)})
         last_ckpt = checkpoint() or last_ckpt
     writer.close()
-    return TrainResult(out_dir, step, loader.epoch, stopped_by, final_eval, skipped, last_ckpt)
+    return TrainResult(out_dir, step, loader.epoch, stopped_by, final_eval, skipped, last_ckpt, train_seconds)
 
 
 def _use_jac_reg(t: Any, step: int, epoch: int, pretrain: bool) -> bool:
