@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                    progress=not args.no_progress)
     summary = {"out": str(result.out_dir), "step": result.step, "epoch": result.epoch,
                "stopped_by": result.stopped_by, "skipped_steps": result.skipped_steps, **result.final_eval}
-    print(json.dumps(_json_safe(summary)))
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(_json_safe(summary)))
     return 0
 
 
