@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -92,14 +93,28 @@ def test_sigkill_leaves_a_readable_checkpoint_and_resume_matches(tmp_path, real_
     _assert_same_weights(_weights(tmp_path / "ref"), _weights(run))
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_process_torchrun(tmp_path, real_cifar_dir):
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
-           "-m", "lipdeq", "train", "--config", "lipmdeq_tiny", "--out", str(run), "--no-progress", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "lipdeq", "train", "--config", "lipmdeq_tiny", "--out", str(run),
+           "--no-progress", "--device", "cpu"]
     cmd += [a for o in _overrides(real_cifar_dir, 3) for a in ("--set", o)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+        proc.communicate()
+        pytest.fail("torchrun did not finish within 300 s")
+    assert proc.returncode == 0, err[-3000:]
     ck = load_checkpoint(run / "checkpoints")
     assert ck.step == 3
     lines = (run / "metrics.jsonl").read_text().splitlines()

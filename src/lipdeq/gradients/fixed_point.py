@@ -2,14 +2,52 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from lipdeq.solvers import Solution, solve
+from lipdeq.solvers import Solution, SolverWarning, Status, solve
 
 BACKWARDS = ("ift", "phantom", "jfb")
+
+
+def _status_summary(sol: Solution, statuses: tuple[Status, ...]) -> tuple[int, str]:
+    """How many samples ended in one of ``statuses``, and a ``"name: count"`` breakdown."""
+    counts = sol.counts()
+    parts = [(s.name.lower(), counts[s.name.lower()]) for s in statuses]
+    return sum(n for _, n in parts), ", ".join(f"{name}: {n}" for name, n in parts if n)
+
+
+def _warn_forward(sol: Solution, warn_max_iter: bool) -> None:
+    """SolverWarning when the forward solve left diverged / non-finite (optionally max_iter) samples."""
+    bad = (Status.NON_FINITE, Status.DIVERGED) + ((Status.MAX_ITER,) if warn_max_iter else ())
+    n, detail = _status_summary(sol, bad)
+    if n:
+        warnings.warn(
+            f"fixed_point: the forward solve left {n} of {sol.status.numel()} samples without a fixed point "
+            f"({detail}; method={sol.method!r}, f_max_iter={sol.max_iter}, f_tol={sol.tol:g}, "
+            f"stop_mode={sol.stop_mode!r}); their outputs are the best finite iterates, not equilibria. "
+            "Check the inputs for NaN/Inf, lower the learning rate, or raise f_max_iter (f_thres).",
+            SolverWarning,
+            stacklevel=3,
+        )
+
+
+def _warn_backward(bsol: Solution) -> None:
+    """SolverWarning when the adjoint solve left any sample not converged."""
+    n, detail = _status_summary(bsol, (Status.MAX_ITER, Status.DIVERGED, Status.NON_FINITE))
+    if n:
+        warnings.warn(
+            f"fixed_point: the backward (adjoint) solve left {n} of {bsol.status.numel()} samples not "
+            f"converged ({detail}; method={bsol.method!r}, b_max_iter={bsol.max_iter}, b_tol={bsol.tol:g}, "
+            f"stop_mode={bsol.stop_mode!r}); their gradients are approximate (a non-finite sample gets its "
+            "best finite iterate). Raise b_max_iter (b_thres) or b_tol, lower the learning rate, or check "
+            "the inputs.",
+            SolverWarning,
+            stacklevel=2,
+        )
 
 
 def fixed_point(
@@ -30,6 +68,7 @@ def fixed_point(
     solver_options: dict[str, Any] | None = None,
     b_solver_options: dict[str, Any] | None = None,
     return_trace: bool = False,
+    warn_max_iter: bool = False,
 ) -> tuple[torch.Tensor, Solution]:
     """Solve ``z* = f(z*)`` and return it with gradients defined by implicit differentiation.
 
@@ -55,6 +94,13 @@ def fixed_point(
             certified per-sample error bounds of both solves.
         solver_options, b_solver_options: extra method options (e.g. Anderson memory ``m``).
         return_trace: keep residual traces in the returned solutions.
+        warn_max_iter: also warn when forward samples stop at ``f_max_iter`` (off by default: that is
+            the normal regime of the MDEQ baseline).
+
+    Warns:
+        SolverWarning: the forward solve left samples DIVERGED or NON_FINITE (or MAX_ITER with
+            ``warn_max_iter=True``), or, during the backward pass, the adjoint solve left any sample
+            not CONVERGED. The message counts the samples per status and says what to change.
 
     Returns:
         ``(z, solution)``: ``z`` is ``f(z*)`` (with the gradient selected by ``backward``) when a
@@ -80,6 +126,7 @@ def fixed_point(
             return_trace=return_trace,
             **(solver_options or {}),
         )
+    _warn_forward(sol, warn_max_iter)
     z_star = sol.value.detach()
     if not torch.is_grad_enabled():
         return z_star, sol
@@ -124,6 +171,7 @@ def fixed_point(
         finally:
             in_adjoint_solve = False
         sol.backward = bsol
+        _warn_backward(bsol)
         return bsol.value
 
     z_out.register_hook(adjoint_hook)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .result import Solution, Status
+from .result import Solution, SolverWarning, Status
 from .solve import METHODS, solve
 
-__all__ = ["METHODS", "Solution", "Status", "solve"]
+__all__ = ["METHODS", "Solution", "SolverWarning", "Status", "solve"]

@@ -8,6 +8,15 @@ from dataclasses import dataclass, field
 import torch
 
 
+class SolverWarning(UserWarning):
+    """A solve left samples in a state the user should act on (see :func:`lipdeq.fixed_point`).
+
+    Emitted by :func:`lipdeq.fixed_point` when the forward solve ends with diverged or non-finite
+    samples, or the backward (adjoint) solve with any sample not converged. Filter it with
+    ``warnings.simplefilter("ignore", SolverWarning)`` or turn it into an error with ``"error"``.
+    """
+
+
 class Status(enum.IntEnum):
     """Per-sample outcome of a solve (stored as int8 codes in :attr:`Solution.status`)."""
 
