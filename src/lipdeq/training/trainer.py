@@ -219,7 +219,8 @@ def _train(
     if progress and ctx.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=min(max_steps, total_steps), initial=step, desc=cfg.model.name, dynamic_ncols=True)
+        total = None if t.max_seconds is not None else min(max_steps, total_steps)  # a time budget: no step total
+        bar = tqdm(total=total, initial=step, desc=cfg.model.name, dynamic_ncols=True)
 
     def checkpoint(tag: str = "last") -> Path | None:
         if not ctx.is_main:
