@@ -106,3 +106,13 @@ def test_input_gradients_in_eval_mode(small_lip_cfg):
     x = torch.randn(2, 3, 16, 16, requires_grad=True)
     model(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_bf16_autocast_keeps_the_solver_state_in_float32(small_lip_cfg):
+    model = MultiscaleDEQ(small_lip_cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(2, 3, 16, 16))
+    assert model.last_solution.value.dtype == torch.float32
+    logits.float().sum().backward()
+    assert model.last_solution.backward.all_converged
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.layer.parameters())

@@ -97,13 +97,14 @@ class MultiscaleDEQ(nn.Module):
         """
         self.check_input(x)
         u = self.injection_of(x)
-        zs = [u.new_zeros(x.shape[0], *shape) for shape in self.layer.shapes]
+        zs = [torch.zeros(x.shape[0], *shape, device=x.device, dtype=x.dtype) for shape in self.layer.shapes]
         if self.training:
             self.layer.reset_dropout(zs, generator=generator)
         layer = self.layer
 
         def f(z: torch.Tensor) -> torch.Tensor:
-            return layer.pack(layer(layer.unpack(z), u))
+            # Under bf16 autocast the layer computes in low precision; the state stays in z's dtype.
+            return layer.pack(layer(layer.unpack(z), u)).to(z.dtype)
 
         return f, layer.pack(zs)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 
@@ -53,7 +54,8 @@ def solve(
             holds the residuals of the iterates evaluated at evaluation ``t + 1`` (a stopped sample
             repeats its last value).
         divergence_factor: a sample whose ``||f(z)-z||`` exceeds this factor times the residual of its
-            best iterate (or overflows) stops with status DIVERGED.
+            best iterate (or overflows), or whose ``||f(z)||`` exceeds this factor times
+            ``max(||z0||, ||f(z0)||)`` (an iterate that ran off), stops with status DIVERGED.
         eps: the ``eps`` of the relative residual.
         **method_options: the options of ``method`` listed above.
 
@@ -93,18 +95,36 @@ def solve(
         m = options.get("m", inspect.signature(cls).parameters["m"].default)
         options["m"] = min(check_int(f"{method} option m", m, 1), max(1, max_iter - 1))
     stepper = cls(z, **options)  # validates the option values before the first evaluation of f
-    sol = drive(
-        flat_map(f, z0.shape, z),
-        z,
-        stepper,
-        tol=tol,
-        stop_mode=stop_mode,
-        max_iter=max_iter,
-        lipschitz=L,
-        return_trace=return_trace,
-        divergence_factor=divergence_factor,
-        eps=eps,
-    )
+    f, no_autocast = _autocast_safe(f, z.device.type)
+    with no_autocast:
+        sol = drive(
+            flat_map(f, z0.shape, z),
+            z,
+            stepper,
+            tol=tol,
+            stop_mode=stop_mode,
+            max_iter=max_iter,
+            lipschitz=L,
+            return_trace=return_trace,
+            divergence_factor=divergence_factor,
+            eps=eps,
+        )
     sol.value = sol.value.view(z0.shape)
     sol.method = method
     return sol
+
+
+def _autocast_safe(
+    f: Callable[[torch.Tensor], torch.Tensor], device_type: str
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], contextlib.AbstractContextManager]:
+    """Under autocast, keep the solver's own arithmetic in the state's dtype and run only ``f`` in
+    the caller's autocast precision. Returns the wrapped ``f`` and the context for the solve."""
+    if not torch.is_autocast_enabled(device_type):
+        return f, contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def f_autocast(z: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=dtype):
+            return f(z)
+
+    return f_autocast, torch.autocast(device_type, enabled=False)
