@@ -142,6 +142,7 @@ def drive(
     z_init = z
     best_fz = z  # the returned value: f(z_best); z0 itself while no finite f(z) was seen
     best_abs, best_rel, best_crit, min_abs = inf.clone(), inf.clone(), inf.clone(), inf.clone()
+    size_limit = inf  # divergence_factor * max(||z0||, ||f(z0)||): beyond it an iterate has run off
     best_step = torch.zeros(B, dtype=torch.long, device=dev)
     status = torch.full((B,), MAX_ITER, dtype=torch.int8, device=dev)
     active = torch.ones(B, dtype=torch.bool, device=dev)
@@ -179,7 +180,11 @@ def drive(
         best_rel = torch.where(improved, rel_r, best_rel)
         best_crit = torch.where(improved, crit, best_crit)
         best_step = best_step.masked_fill(improved, n_f)
-        diverged = ok & (abs_r > divergence_factor * min_abs)
+        if n_f == 1:
+            size_limit = divergence_factor * torch.maximum(fz_norm, torch.linalg.vector_norm(z, dim=1))
+        # a growing residual, or an image that ran off (accelerated methods can push z to 1e8 on a map
+        # without fixed point, where fl(f(z)) == z would otherwise read as converged)
+        diverged = ok & ((abs_r > divergence_factor * min_abs) | (fz_norm > size_limit))
         min_abs = torch.where(ok, torch.minimum(min_abs, abs_r), min_abs)
         converged = ok & (best_crit < tol)
         nonfinite = active ^ ok  # = active & ~finite

@@ -25,7 +25,8 @@ class Status(enum.IntEnum):
     MAX_ITER = 1
     """``max_iter`` was reached before the criterion fell below ``tol``."""
     DIVERGED = 2
-    """The residual grew by more than ``divergence_factor`` over its best value; iteration stopped."""
+    """The residual grew by more than ``divergence_factor`` over its best value, or ``||f(z)||`` grew by more
+    than ``divergence_factor`` over ``max(||z0||, ||f(z0)||)``; iteration stopped."""
     NON_FINITE = 3
     """``f`` produced NaN or Inf for this sample; its best finite iterate is returned."""
 
