@@ -105,14 +105,19 @@ def plot(histories: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
 
 def run_demo(
-    out_dir: Path, data_dir: str | None = None, seconds_per_model: float | None = 75.0, steps: int | None = None
+    out_dir: Path,
+    data_dir: str | None = None,
+    seconds_per_model: float | None = 75.0,
+    steps: int | None = None,
+    extra_overrides: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Train both tiny models on the same data and budget, print the comparison, save a plot and
-    ``summary.json`` in ``out_dir``. Returns the per-model summaries."""
+    ``summary.json`` in ``out_dir``. Returns the per-model summaries. ``extra_overrides`` (config
+    ``key=value`` strings) are applied to both models after the demo's own."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, histories = [], {}
     for name in DEMO_MODELS:
-        cfg = load_config(name, demo_overrides(data_dir, seconds_per_model, steps))
+        cfg = load_config(name, [*demo_overrides(data_dir, seconds_per_model, steps), *(extra_overrides or [])])
         records: list[dict[str, Any]] = []
         result = train(cfg, out_dir / name, overwrite=True, progress=True, on_step=records.append)
         rows.append(_summarise(name, records, result))
