@@ -169,3 +169,26 @@ def test_nan_sample_poisons_parameter_gradient_loudly() -> None:
         clean, _ = fixed_point(lambda z: torch.tanh(z @ W.T + x[1:]), torch.zeros(3, D, dtype=F64), f_tol=1e-10,
                                f_max_iter=200, stop_mode="abs")
     torch.testing.assert_close(z[1:].detach(), clean, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_incoming_gradient_is_passed_on_not_a_crash(bad: float) -> None:
+    """Regression: an Inf/NaN gradient arriving at the equilibrium used to crash the backward pass
+    ("z0 contains NaN or Inf" from the adjoint solve). Now that sample is NON_FINITE in
+    ``solution.backward``, its input gradient is non-finite (so a trainer's policy sees it), a
+    SolverWarning is emitted, and every other sample gets exactly its clean gradient."""
+    W, x = _tanh_problem()
+    x = x.clone().requires_grad_()
+    kw = {"f_tol": 1e-12, "b_tol": 1e-12, "f_max_iter": 300, "b_max_iter": 300, "stop_mode": "abs"}
+    z, sol = fixed_point(lambda z: torch.tanh(z @ W.T + x), torch.zeros(4, D, dtype=F64), **kw)
+    upstream = torch.ones(4, D, dtype=F64)
+    upstream[2, 1] = bad
+    with pytest.warns(SolverWarning, match=r"backward \(adjoint\) solve left 1 of 4 .*non_finite: 1"):
+        (gx,) = torch.autograd.grad(z, x, upstream)
+    assert sol.backward.statuses() == [Status.CONVERGED, Status.CONVERGED, Status.NON_FINITE, Status.CONVERGED]
+    assert not bool(torch.isfinite(gx[2]).all())
+    keep = [0, 1, 3]
+    x2 = x.detach()[keep].clone().requires_grad_()
+    z2, _ = fixed_point(lambda z: torch.tanh(z @ W.T + x2), torch.zeros(3, D, dtype=F64), **kw)
+    (gx2,) = torch.autograd.grad(z2, x2, torch.ones(3, D, dtype=F64))
+    torch.testing.assert_close(gx[keep], gx2, rtol=1e-10, atol=1e-12)

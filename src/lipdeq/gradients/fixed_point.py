@@ -42,9 +42,9 @@ def _warn_backward(bsol: Solution) -> None:
         warnings.warn(
             f"fixed_point: the backward (adjoint) solve left {n} of {bsol.status.numel()} samples not "
             f"converged ({detail}; method={bsol.method!r}, b_max_iter={bsol.max_iter}, b_tol={bsol.tol:g}, "
-            f"stop_mode={bsol.stop_mode!r}); their gradients are approximate (a non-finite sample gets its "
-            "best finite iterate). Raise b_max_iter (b_thres) or b_tol, lower the learning rate, or check "
-            "the inputs.",
+            f"stop_mode={bsol.stop_mode!r}); their gradients are approximate, or non-finite where the "
+            "incoming gradient or the Jacobian was. Raise b_max_iter (b_thres) or b_tol, lower the learning "
+            "rate, or check the inputs and the loss.",
             SolverWarning,
             stacklevel=2,
         )
@@ -155,11 +155,21 @@ def fixed_point(
             (vjp,) = torch.autograd.grad(z_out, z_in, w, retain_graph=True)
             return vjp + grad
 
+        # A non-finite incoming gradient cannot seed the solve (z0 must be finite): start those samples
+        # at 0 (their first evaluation is non-finite, so they stop as NON_FINITE) and pass their
+        # gradient on unchanged below, so the non-finite value reaches the parameters (and a trainer's
+        # non-finite policy) instead of crashing the backward pass or turning into a finite gradient.
+        g0 = grad.detach()
+        rows_ok = torch.isfinite(g0.reshape(g0.shape[0], -1)).all(dim=1).view(-1, *([1] * (g0.dim() - 1)))
+        all_ok = bool(rows_ok.all())
+        if not all_ok:
+            g0 = torch.where(rows_ok, g0, 0.0)
+
         in_adjoint_solve = True
         try:
             bsol = solve(
                 adjoint_map,
-                grad.detach(),
+                g0,
                 method=b_solver or solver,
                 tol=b_tol,
                 stop_mode=stop_mode,
@@ -172,7 +182,7 @@ def fixed_point(
             in_adjoint_solve = False
         sol.backward = bsol
         _warn_backward(bsol)
-        return bsol.value
+        return bsol.value if all_ok else torch.where(rows_ok, bsol.value, grad)
 
     z_out.register_hook(adjoint_hook)
     return z_out, sol

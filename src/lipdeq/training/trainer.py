@@ -246,6 +246,7 @@ def _train(
                 t0 = time.perf_counter()
                 pretrain = step < t.pretrain_steps
                 use_jac = _use_jac_reg(t, step, epoch, pretrain)
+                buffers_before = {n: b.detach().clone() for n, b in model.named_buffers()}  # for a skipped step
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
                     out = net(x, unrolled=pretrain, return_jac_loss=bool(use_jac))
                 logits, jac = out if use_jac else (out, None)
@@ -266,6 +267,9 @@ def _train(
                     skipped += 1
                     nonfinite_in_row += 1
                     optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():  # undo the forward's buffer updates (BatchNorm statistics of a NaN)
+                        for n, b in model.named_buffers():  # by name: a module may rebind a buffer
+                            b.copy_(buffers_before[n])
                     if nonfinite_in_row >= t.max_nonfinite_in_row:
                         raise NonFiniteTrainingError(
                             f"{nonfinite_in_row} consecutive steps with a non-finite loss, gradient or fixed "

@@ -1,0 +1,27 @@
+"""Shared fixtures of the reliability tests: tiny training configurations on the synthetic dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+SMALL_MODEL = [
+    "model.channels=[8,8]", "model.head_channels=[4,4]", "model.final_channels=16", "model.num_groups=4",
+    "model.f_thres=8", "model.b_thres=8",
+]
+
+
+def tiny_overrides(steps: int, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Overrides for a seconds-long lipmdeq_tiny run on 96 synthetic images (6 steps per epoch)."""
+    return [
+        *SMALL_MODEL, "data.dataset=synthetic", "data.train_subset=96", "data.test_subset=32",
+        "train.batch_size=16", "train.eval_batch_size=32", f"train.max_steps={steps}", "train.log_every=1",
+        "train.num_threads=1", *extra,
+    ]
+
+
+@pytest.fixture
+def overrides() -> Callable[..., list[str]]:
+    """``overrides(steps, extra=())``: the tiny synthetic run's ``--set`` values."""
+    return tiny_overrides
