@@ -21,7 +21,7 @@ def tiny_overrides(steps: int, extra: list[str] | tuple[str, ...] = ()) -> list[
     ]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def overrides() -> Callable[..., list[str]]:
     """``overrides(steps, extra=())``: the tiny synthetic run's ``--set`` values."""
     return tiny_overrides
