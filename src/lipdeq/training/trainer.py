@@ -11,6 +11,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from lipdeq.configs import RunConfig
 from lipdeq.data import BatchIterator, load_dataset
 from lipdeq.data.loader import derive_seed
 from lipdeq.models import MultiscaleDEQ
-from lipdeq.solvers import Status
+from lipdeq.solvers import SolverWarning, Status
 from lipdeq.training.checkpoint import (
     capture_rng_state,
     find_latest,
@@ -111,6 +112,35 @@ class _MetricsWriter:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+class _SolverWarningGate:
+    """Re-entrant context around each forward and backward: the first SolverWarning of a run is shown,
+    later ones are only counted (``solver_warnings`` in metrics.jsonl; every step's solver statistics
+    are logged anyway). Other warnings pass through unchanged."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._catcher: warnings.catch_warnings | None = None
+        self._caught: list[warnings.WarningMessage] = []
+
+    def __enter__(self) -> _SolverWarningGate:
+        self._catcher = warnings.catch_warnings(record=True)
+        self._caught = self._catcher.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._catcher.__exit__(*exc)
+        for w in self._caught:
+            if issubclass(w.category, SolverWarning):
+                self.count += 1
+                if self.count > 1:
+                    continue
+                message = f"{w.message} (later solver warnings of this run are counted in metrics.jsonl)"
+                warnings.warn_explicit(message, w.category, w.filename, w.lineno)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 class _StopSignal:
@@ -237,6 +267,7 @@ def _train(
     out_of_time = False
     last_ckpt: Path | None = None
     final_eval: dict[str, Any] = {}
+    gate = _SolverWarningGate()
     with _StopSignal() as stop:
         while step < max_steps and loader.epoch < t.epochs:
             epoch = loader.epoch
@@ -247,7 +278,7 @@ def _train(
                 pretrain = step < t.pretrain_steps
                 use_jac = _use_jac_reg(t, step, epoch, pretrain)
                 buffers_before = {n: b.detach().clone() for n, b in model.named_buffers()}  # for a skipped step
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+                with gate, torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
                     out = net(x, unrolled=pretrain, return_jac_loss=bool(use_jac))
                 logits, jac = out if use_jac else (out, None)
                 ce = F.cross_entropy(logits.float(), y)
@@ -258,7 +289,8 @@ def _train(
                 # Every rank takes the same branch, so DDP's collectives never deadlock.
                 finite = all_ranks_true(bool(torch.isfinite(loss)) and not bad_fixed_point, ctx)
                 if finite:
-                    loss.backward()
+                    with gate:
+                        loss.backward()
                     if t.grad_clip is not None:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                     grads_ok = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
@@ -294,7 +326,8 @@ def _train(
                         "kind": "train", "step": step, "epoch": epoch, "loss": sums[0] / ctx.world_size,
                         "accuracy": sums[1] / ctx.world_size, "lr": schedule.get_last_lr()[0],
                         "step_time": dt, "images_per_s": x.shape[0] * ctx.world_size / dt,
-                        "pretrain": pretrain, "skipped_steps": skipped, **model.solver_stats(),
+                        "pretrain": pretrain, "skipped_steps": skipped, "solver_warnings": gate.count,
+                        **model.solver_stats(),
                     }
                     if jac is not None:
                         record["jac_loss"] = float(jac.detach())
