@@ -86,7 +86,7 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
         assert torch.equal(a[k], b[k]), f"tensor {k} differs"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_stops_cleanly_with_a_final_checkpoint_and_resumes_exactly(tmp_path, reference, overrides, sig) -> None:
     run = tmp_path / "run"
     sets = overrides(STEPS)  # no periodic checkpoints: the one on disk must be the signal's
