@@ -79,6 +79,7 @@ class Profile:
     memory_f_thres: tuple[int, ...]
     memory_batch_size: int
     train_subset: int | None = None
+    bn_recalibration_batches: int = 0  # re-estimate BatchNorm statistics before each evaluation
 
 
 QUICK = Profile(
@@ -87,20 +88,21 @@ QUICK = Profile(
     lipschitz=("lipmdeq_tiny",),
     headline=("lipmdeq_tiny", "mdeq_tiny"),
     overrides=("train.batch_size=32", "train.pretrain_steps=0", "train.eval_batch_size=100"),
-    baseline_max_steps=30,
+    baseline_max_steps=20,
     match_baseline_time=True,
     snapshots=2,
-    max_evals=5,
+    max_evals=3,
     test_subset=500,
     eval_batch_size=100,
     probe_batch_size=32,
     sweep_preset="lipmdeq_tiny",
     sweep_knobs=SWEEP_KNOBS,
-    sweep_steps=6,
-    sweep_test_subset=200,
-    trace_iters=40,
-    memory_f_thres=(5, 15, 30),
+    sweep_steps=4,
+    sweep_test_subset=100,
+    trace_iters=30,
+    memory_f_thres=(5, 30),
     memory_batch_size=8,
+    bn_recalibration_batches=4,
 )
 
 FULL = Profile(
@@ -222,9 +224,38 @@ def _probe(model: Any, x: torch.Tensor, y: torch.Tensor, seed: int) -> dict[str,
     return out
 
 
-def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device) -> dict:
+def recalibrate_batchnorm(model: torch.nn.Module, batches: Sequence[torch.Tensor]) -> int:
+    """Re-estimate the running statistics of every BatchNorm layer of ``model`` from ``batches``.
+
+    The statistics are reset and then averaged with equal weight over the batches (cumulative
+    average, ``momentum=None``), in training mode without gradients ("precise BN"); the momentum
+    of each layer is restored afterwards and the model is left in eval mode. Returns the number of
+    BatchNorm layers (0: nothing to do, no forward pass is run).
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or not batches:
+        return 0
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.eval()
+    return len(bns)
+
+
+def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device,
+              calib: Sequence[torch.Tensor] = ()) -> dict:
     from lipdeq.training import evaluate
 
+    recalibrate_batchnorm(model, calib)
     model.eval()
     cert = model.lipschitz_bound().value  # computed and cached before timing
     ev = evaluate(model, images, labels, batch_size=batch_size, device=device)
@@ -456,6 +487,8 @@ def _run(
     probe_idx = torch.randperm(n_train, generator=gen)[: prof.probe_batch_size]
     probe_x = to_float_normalized(train_x[probe_idx]).to(dev)
     probe_y = train_y[probe_idx].to(dev)
+    calib_idx = torch.randperm(n_train, generator=gen)[: prof.bn_recalibration_batches * ref_cfg.train.batch_size]
+    calib = [to_float_normalized(train_x[i]).to(dev) for i in calib_idx.split(ref_cfg.train.batch_size) if len(i)]
     trace_x = to_float_normalized(test_x[: prof.probe_batch_size]).to(dev)
     trace_y = test_y[: prof.probe_batch_size].to(dev)
     log(f"profile {prof.name}: dataset {d.dataset} ({how}), {n_train} training images, "
@@ -474,6 +507,7 @@ def _run(
             "overrides": common,
             "test_images": int(test_x.shape[0]),
             "train_images": int(n_train),
+            "bn_recalibration_images": sum(int(c.shape[0]) for c in calib),
             "batch_size": ref_cfg.train.batch_size,
             "profile": _json_safe(dataclasses.asdict(prof)),
         },
@@ -553,7 +587,7 @@ def _run(
                 state = _load_state(path)
                 if s in eval_steps:
                     model = _model_from_state(r.cfg, state, dev, seed)
-                    ev = _evaluate(model, test_x, test_y, prof.eval_batch_size, dev)
+                    ev = _evaluate(model, test_x, test_y, prof.eval_batch_size, dev, calib)
                     entry["evals"].append({"step": s, "elapsed": elapsed, **ev})
                 if s in (middle, final):
                     model = _model_from_state(r.cfg, state, dev, seed)
@@ -563,6 +597,8 @@ def _run(
                     if s == final:
                         entry["certificate_final"] = model.lipschitz_bound().value
                         log(f"  residual traces of trained {name}")
+                        model = _model_from_state(r.cfg, state, dev, seed)
+                        recalibrate_batchnorm(model, calib)
                         entry["traces"] = residual_traces(model, trace_x, trace_y, prof.trace_iters)
             end_eval = entry["evals"][-1]
             entry["inference_s_per_image"] = end_eval["seconds_per_image"]
@@ -579,11 +615,10 @@ def _run(
         results["pairs"] = [_compare(models[lp], models[b]) for lp in prof.lipschitz for b in prof.baselines]
 
         # -------- sweep of the Lipschitz layer
-        log(f"sweep of {prof.sweep_preset}: {sum(len(v) for _, v in prof.sweep_knobs)} values, "
-            f"{prof.sweep_steps} steps each")
+        log(f"sweep of {prof.sweep_preset}: one knob at a time, {prof.sweep_steps} steps per point")
         base_early = _median([x["step_time"] for x in runs[prof.headline[1]].records[1: prof.sweep_steps]])
         results["sweep"] = _sweep(prof, config, train_x, train_y, dev, seed, base_early, prof.headline[1],
-                                  load_dataset, log)
+                                  load_dataset, log, calib)
 
         # -------- memory against the forward cap
         log("memory bench (mdeq_tiny, one training step per forward cap)")
@@ -607,7 +642,8 @@ def _run(
 
 
 def _command(profile: str, out_dir: Path, data_dir: str | None, device: str | None, max_steps: int | None) -> str:
-    parts = ["lipdeq", "bench", f"--{profile}"]
+    env = os.environ.get("OMP_NUM_THREADS")
+    parts = ([f"OMP_NUM_THREADS={env}"] if env else []) + ["lipdeq", "bench", f"--{profile}"]
     if data_dir:
         parts += ["--data-dir", str(data_dir)]
     if device:
@@ -673,7 +709,8 @@ def _compare(lip: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
 
 def _sweep(prof: Profile, config: Callable[..., Any], train_x: torch.Tensor, train_y: torch.Tensor,
            dev: torch.device, seed: int, base_step_time: float, base_name: str,
-           load_dataset: Callable[..., Any], log: Callable[[str], None]) -> dict[str, Any]:
+           load_dataset: Callable[..., Any], log: Callable[[str], None],
+           calib: Sequence[torch.Tensor]) -> dict[str, Any]:
     """One-at-a-time sweep around the reference Lipschitz settings."""
     from lipdeq.data import BatchIterator
     from lipdeq.training.trainer import build_optimizer
@@ -716,7 +753,7 @@ def _sweep(prof: Profile, config: Callable[..., Any], train_x: torch.Tensor, tra
             sol = model.last_solution
             steps.append({"step_time": dt, "loss": float(loss.detach()), **_solution_stats("forward", sol),
                           **_solution_stats("backward", sol.backward)})
-        ev = _evaluate(model, test_x, test_y, prof.eval_batch_size, dev)
+        ev = _evaluate(model, test_x, test_y, prof.eval_batch_size, dev, calib)
         step_time = _median([s["step_time"] for s in steps[1:]] or [steps[0]["step_time"]])
         row = {
             "point": label, **{k: change.get(k, reference[k]) for k in reference},
@@ -760,6 +797,12 @@ def _summary_and_targets(results: dict[str, Any], prof: Profile) -> tuple[dict[s
     }
     drop = es["baseline"]["accuracy"] - es["lipschitz"]["accuracy"]
     mem = results["memory"]
+
+    def z(side: dict[str, Any]) -> float:
+        se = math.hypot(side["lipschitz"].get("accuracy_se", float("nan")), side["baseline"].get("accuracy_se",
+                                                                                              float("nan")))
+        return (side["lipschitz"]["accuracy"] - side["baseline"]["accuracy"]) / se if se > 0 else float("nan")
+
     targets = {
         "train_step_speedup": {"target": f">= {TARGETS['train_step_speedup']}x", "measured": pair["train_step_speedup"],
                                "met": bool(pair["train_step_speedup"] >= TARGETS["train_step_speedup"])},
@@ -768,11 +811,13 @@ def _summary_and_targets(results: dict[str, Any], prof: Profile) -> tuple[dict[s
         "accuracy_equal_wallclock": {
             "target": "Lipschitz higher than the baseline",
             "measured": wc["lipschitz"]["accuracy"] - wc["baseline"]["accuracy"],
+            "z": z(wc),
             "met": bool(wc["lipschitz"]["accuracy"] > wc["baseline"]["accuracy"]),
         },
         "accuracy_equal_steps": {
             "target": "Lipschitz at most 1 point below the baseline",
             "measured": -drop,
+            "z": z(es),
             "met": bool(drop <= TARGETS["equal_steps_drop"] + 1e-12),
         },
         "memory_flat": {"target": f"ratio f_thres {mem['f_thres'][-1]} / {mem['f_thres'][0]} <= 1.10",
@@ -823,17 +868,24 @@ def format_markdown(results: dict[str, Any]) -> str:
         f"| inference speed-up >= 4x | {_f(t['inference_speedup']['measured'], '.2f')}x | "
         f"{t['inference_speedup']['met']} |",
         f"| accuracy higher at equal wall-clock | {_f(s['accuracy_lipschitz'])} vs {_f(s['accuracy_baseline'])} "
-        f"({s['accuracy_basis']}) | {t['accuracy_equal_wallclock']['met']} |",
+        f"({s['accuracy_basis']}; difference {_f(t['accuracy_equal_wallclock']['z'], '+.1f')} standard errors) | "
+        f"{t['accuracy_equal_wallclock']['met']} |",
         f"| accuracy within 1 point at equal steps ({s['equal_steps']}) | "
-        f"{_f(s['accuracy_lipschitz_equal_steps'])} vs {_f(s['accuracy_baseline_equal_steps'])} | "
-        f"{t['accuracy_equal_steps']['met']} |",
+        f"{_f(s['accuracy_lipschitz_equal_steps'])} vs {_f(s['accuracy_baseline_equal_steps'])} (difference "
+        f"{_f(t['accuracy_equal_steps']['z'], '+.1f')} standard errors) | {t['accuracy_equal_steps']['met']} |",
         f"| training memory flat in f_thres (<= 1.10) | {_f(t['memory_flat']['measured'], '.3f')}x | "
         f"{t['memory_flat']['met']} |",
         "",
         "Speed-ups are baseline time / Lipschitz time. Train step: median step time over the second half of "
         "each model's own run (weights trained as far as this profile goes). Inference: seconds per test "
         "image of each model's final weights (eval mode). Accuracy at equal wall-clock: each model's last "
-        "evaluated snapshot within the shorter run's training time (plus one step).",
+        "evaluated snapshot within the shorter run's training time (plus one step). Standard errors: binomial, "
+        "from the test subset size; a difference within about 2 of them is not resolved by this test set."
+        + (f" Before every evaluation the BatchNorm running statistics (stem and head) are re-estimated on "
+           f"{st['bn_recalibration_images']} fixed training images (precise BN, same for every model): with "
+           "the N(0, 0.01) init the activations' variances are about 1e-4, and running variances initialised "
+           "to 1 with momentum 0.1 need hundreds of steps to forget that start, so eval-mode accuracy is near "
+           "chance for the first ~100 steps without it." if st.get("bn_recalibration_images") else ""),
         "",
         "## Per model",
         "",
