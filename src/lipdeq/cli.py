@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train lipmdeq_tiny and mdeq_tiny briefly and compare them")
     demo.add_argument("--data-dir", help="CIFAR-10 directory (default: the embedded synthetic set)")
     demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    demo.add_argument("--seconds", type=float, default=75.0, help="training budget per model (default 75)")
+    demo.add_argument("--seconds", type=float, default=60.0, help="training budget per model (default 60)")
     demo.add_argument("--steps", type=int, default=None, help="fixed number of steps per model instead")
     demo.set_defaults(func=cmd_demo)
 

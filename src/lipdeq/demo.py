@@ -15,16 +15,16 @@ DEMO_MODELS = ("lipmdeq_tiny", "mdeq_tiny")
 
 def demo_overrides(data_dir: str | None, seconds: float | None, steps: int | None) -> list[str]:
     """The changes to the presets that make a few-minute CPU run: batch 32, a 5,000-image training
-    subset, a 500-image test subset, no MDEQ pretraining (its 3,000 steps would eat the budget),
+    subset, a 300-image test subset, no MDEQ pretraining (its 3,000 steps would eat the budget),
     and a time or step budget."""
     out = [
         "train.batch_size=32",
         "train.pretrain_steps=0",
-        "train.log_every=5",
+        "train.log_every=1",
         "train.eval_every_epochs=1000",
         "train.checkpoint_every_epochs=1000",
         "data.train_subset=5000",
-        "data.test_subset=500",
+        "data.test_subset=300",
         "data.augment=false",
     ]
     out.append(f"train.max_steps={steps}" if steps else "train.max_steps=null")
@@ -107,7 +107,7 @@ def plot(histories: dict[str, list[dict[str, Any]]], path: Path) -> None:
 def run_demo(
     out_dir: Path,
     data_dir: str | None = None,
-    seconds_per_model: float | None = 75.0,
+    seconds_per_model: float | None = 60.0,
     steps: int | None = None,
     extra_overrides: list[str] | None = None,
 ) -> list[dict[str, Any]]:
