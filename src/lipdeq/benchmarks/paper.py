@@ -88,7 +88,7 @@ QUICK = Profile(
     lipschitz=("lipmdeq_tiny",),
     headline=("lipmdeq_tiny", "mdeq_tiny"),
     overrides=("train.batch_size=32", "train.pretrain_steps=0", "train.eval_batch_size=100"),
-    baseline_max_steps=20,
+    baseline_max_steps=16,
     match_baseline_time=True,
     snapshots=2,
     max_evals=3,
@@ -457,7 +457,9 @@ def _run(
 
     def log(msg: str) -> None:
         if verbose:
-            print(f"[bench {time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)
+            rss = _max_rss_mib()
+            mem = f" (max RSS {rss:.0f} MiB)" if rss is not None else ""
+            print(f"[bench {time.perf_counter() - t_start:6.0f}s] {msg}{mem}", flush=True)
 
     common = [
         *prof.overrides,
@@ -630,6 +632,7 @@ def _run(
 
     results["summary"], results["targets"] = _summary_and_targets(results, prof)
     results["wall_seconds"] = time.perf_counter() - t_start
+    results["hardware"]["max_rss_mib"] = _max_rss_mib()
     _plots(results, out_dir)
     md = format_markdown(results)
     (out_dir / "results.md").write_text(md, encoding="utf-8")
@@ -639,6 +642,15 @@ def _run(
         print(md)
         print(f"written: {out_dir / 'results.json'}, {out_dir / 'results.md'}, plots in {out_dir}")
     return results
+
+
+def _max_rss_mib() -> float | None:
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return None
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024 / (1024 if sys.platform == "darwin" else 1)  # bytes on macOS, KiB on Linux
 
 
 def _command(profile: str, out_dir: Path, data_dir: str | None, device: str | None, max_steps: int | None) -> str:
