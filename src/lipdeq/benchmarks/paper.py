@@ -619,8 +619,9 @@ def _run(
         # -------- sweep of the Lipschitz layer
         log(f"sweep of {prof.sweep_preset}: one knob at a time, {prof.sweep_steps} steps per point")
         base_early = _median([x["step_time"] for x in runs[prof.headline[1]].records[1: prof.sweep_steps]])
-        results["sweep"] = _sweep(prof, config, train_x, train_y, dev, seed, base_early, prof.headline[1],
-                                  load_dataset, log, calib)
+        base_inference = models[prof.headline[1]]["inference_s_per_image"]
+        results["sweep"] = _sweep(prof, config, train_x, train_y, dev, seed, base_early, base_inference,
+                                  prof.headline[1], load_dataset, log, calib)
 
         # -------- memory against the forward cap
         log("memory bench (mdeq_tiny, one training step per forward cap)")
@@ -720,7 +721,7 @@ def _compare(lip: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sweep(prof: Profile, config: Callable[..., Any], train_x: torch.Tensor, train_y: torch.Tensor,
-           dev: torch.device, seed: int, base_step_time: float, base_name: str,
+           dev: torch.device, seed: int, base_step_time: float, base_inference: float, base_name: str,
            load_dataset: Callable[..., Any], log: Callable[[str], None],
            calib: Sequence[torch.Tensor]) -> dict[str, Any]:
     """One-at-a-time sweep around the reference Lipschitz settings."""
@@ -776,12 +777,14 @@ def _sweep(prof: Profile, config: Callable[..., Any], train_x: torch.Tensor, tra
             "last_step": {k: v for k, v in steps[-1].items() if k.endswith(("_mean", "_p95", "_max", "_frac"))},
             "accuracy": ev["accuracy"], "accuracy_se": ev["accuracy_se"],
             "inference_s_per_image": ev["seconds_per_image"],
+            "inference_speedup": _ratio(base_inference, ev["seconds_per_image"]),
         }
         rows.append(row)
         log(f"  sweep {label}: hyper {hyper:.3f}, cert {ev['certificate']:.3f}, "
             f"fwd {row['last_step'].get('forward_nstep_mean', float('nan')):.1f}, step {step_time:.2f} s")
     return {"preset": prof.sweep_preset, "steps": prof.sweep_steps, "baseline": base_name,
-            "baseline_step_time": base_step_time, "test_images": int(test_x.shape[0]), "reference": reference,
+            "baseline_step_time": base_step_time, "baseline_inference_s_per_image": base_inference,
+            "test_images": int(test_x.shape[0]), "reference": reference,
             "points": rows}
 
 
@@ -978,12 +981,13 @@ def format_markdown(results: dict[str, Any]) -> str:
         f"Each point: {sw['steps']} training steps from the same initial seed on the same batches; step time is "
         f"the median over steps 2..{sw['steps']}; speed-up against {sw['baseline']}'s median over its own steps "
         f"2..{sw['steps']} ({_f(sw['baseline_step_time'])} s); accuracy on {sw['test_images']} test images after "
-        "these few steps is indicative only. A hyperparameter bound >= 1 means the layer is not certified a priori "
-        "(its current weights may still be).",
+        "these few steps is indicative only. Inference speed-up: against the final weights of "
+        f"{sw['baseline']} ({_f(1e3 * sw.get('baseline_inference_s_per_image', float('nan')), '.2f')} ms / image). "
+        "A hyperparameter bound >= 1 means the layer is not certified a priori (its current weights may still be).",
         "",
         "| point | hyper bound | certified a priori | weights bound init / trained | fwd iters first / last step "
-        "(mean) | bwd iters first / last | step s | speed-up | accuracy |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "(mean) | bwd iters first / last | step s | train speed-up | inference speed-up | accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sw["points"]:
         fs, ls = r["first_step"], r["last_step"]
@@ -992,7 +996,8 @@ def format_markdown(results: dict[str, Any]) -> str:
             f"{_f(r['certificate_init'])} / {_f(r['certificate_trained'])} | "
             f"{_f(fs.get('forward_nstep_mean'), '.1f')} / {_f(ls.get('forward_nstep_mean'), '.1f')} | "
             f"{_f(fs.get('backward_nstep_mean'), '.1f')} / {_f(ls.get('backward_nstep_mean'), '.1f')} | "
-            f"{_f(r['step_time'], '.2f')} | {_f(r['train_step_speedup'], '.2f')}x | {_f(r['accuracy'])} |"
+            f"{_f(r['step_time'], '.2f')} | {_f(r['train_step_speedup'], '.2f')}x | "
+            f"{_f(r.get('inference_speedup', float('nan')), '.2f')}x | {_f(r['accuracy'])} |"
         )
     mem = results["memory"]
     lines += [
