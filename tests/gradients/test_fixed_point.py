@@ -128,3 +128,20 @@ def test_backward_max_iter_is_reported():
 def test_bad_backward_name():
     with pytest.raises(ValueError, match="unknown backward 'adjoint'"):
         fixed_point(lambda z: 0.5 * z, torch.zeros(1, 2), backward="adjoint")
+
+
+def test_ift_graph_is_freed_after_backward():
+    # A hook that refers to the tensor it is registered on would keep the whole graph alive (a cycle
+    # through autograd that Python's garbage collector cannot see): here x is saved for backward by
+    # the product, so it must be collectable once the outputs are gone.
+    import gc
+    import weakref
+
+    x = torch.rand(B, D, dtype=torch.float64, requires_grad=True)
+    ref = weakref.ref(x)
+    z, sol = fixed_point(lambda z: torch.tanh(0.5 * z * x + x), torch.zeros(B, D, dtype=torch.float64))
+    z.sum().backward()
+    assert sol.backward is not None
+    del x, z, sol
+    gc.collect()
+    assert ref() is None

@@ -144,11 +144,8 @@ def fixed_point(
     if not z_out.requires_grad:  # f closes over nothing that needs a gradient
         return z_out, sol
 
-    in_adjoint_solve = False
-
     def adjoint_hook(grad: torch.Tensor) -> torch.Tensor:
-        nonlocal in_adjoint_solve
-        if in_adjoint_solve or grad is None:  # the vjps below flow through z_out: pass them on
+        if grad is None:
             return grad
 
         def adjoint_map(w: torch.Tensor) -> torch.Tensor:
@@ -165,24 +162,25 @@ def fixed_point(
         if not all_ok:
             g0 = torch.where(rows_ok, g0, 0.0)
 
-        in_adjoint_solve = True
-        try:
-            bsol = solve(
-                adjoint_map,
-                g0,
-                method=b_solver or solver,
-                tol=b_tol,
-                stop_mode=stop_mode,
-                max_iter=b_max_iter,
-                lipschitz=lipschitz,
-                return_trace=return_trace,
-                **(b_solver_options if b_solver_options is not None else solver_options or {}),
-            )
-        finally:
-            in_adjoint_solve = False
+        bsol = solve(
+            adjoint_map,
+            g0,
+            method=b_solver or solver,
+            tol=b_tol,
+            stop_mode=stop_mode,
+            max_iter=b_max_iter,
+            lipschitz=lipschitz,
+            return_trace=return_trace,
+            **(b_solver_options if b_solver_options is not None else solver_options or {}),
+        )
         sol.backward = bsol
         _warn_backward(bsol)
         return bsol.value if all_ok else torch.where(rows_ok, bsol.value, grad)
 
-    z_out.register_hook(adjoint_hook)
-    return z_out, sol
+    # The hook goes on an alias of z_out, not on z_out itself: the hook's closure refers to z_out (for
+    # the vector-Jacobian products), and a hook on z_out would form a reference cycle through the
+    # autograd graph that Python's garbage collector cannot see (a leak of one graph per step). The
+    # vjps below start at z_out, so they never pass through the alias and its hook.
+    z_ret = z_out.view_as(z_out)
+    z_ret.register_hook(adjoint_hook)
+    return z_ret, sol
