@@ -137,11 +137,13 @@ def test_ift_graph_is_freed_after_backward():
     import gc
     import weakref
 
-    x = torch.rand(B, D, dtype=torch.float64, requires_grad=True)
-    ref = weakref.ref(x)
-    z, sol = fixed_point(lambda z: torch.tanh(0.5 * z * x + x), torch.zeros(B, D, dtype=torch.float64))
-    z.sum().backward()
-    assert sol.backward is not None
-    del x, z, sol
+    def solve_and_backward() -> weakref.ref:
+        x = torch.rand(B, D, dtype=torch.float64, requires_grad=True)
+        z, sol = fixed_point(lambda z: torch.tanh(0.5 * z * x + x), torch.zeros(B, D, dtype=torch.float64))
+        z.sum().backward()
+        assert sol.backward is not None
+        return weakref.ref(x)
+
+    ref = solve_and_backward()
     gc.collect()
     assert ref() is None
