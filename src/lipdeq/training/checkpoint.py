@@ -39,6 +39,8 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 from torch import nn
 
+from lipdeq.training.rundir import pid_alive as _pid_alive
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "Checkpoint",
@@ -194,18 +196,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove_leftovers(directory: Path, tag: str) -> None:

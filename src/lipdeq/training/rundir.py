@@ -44,7 +44,8 @@ class RunDirError(ValueError):
     """The run directory cannot be used: it holds another run, or another process is writing it."""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True if a process with this pid exists on this host (possibly owned by another user)."""
     if pid <= 0:
         return False
     try:
@@ -169,7 +170,7 @@ def _acquire(out: Path) -> str:
                     f"another run (pid {pid} on host {holder['hostname']}) is writing {out}; "
                     f"if that run is dead, delete {path}"
                 ) from None
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 which = "this process" if pid == os.getpid() else f"pid {pid}"
                 raise RunDirError(f"another run ({which}) is writing {out} (lock {path})") from None
             _take_over_stale(path, holder)
