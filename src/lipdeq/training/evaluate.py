@@ -19,6 +19,33 @@ def _percentile(x: torch.Tensor, q: float) -> float:
     return float(torch.quantile(x.double(), q)) if x.numel() else float("nan")
 
 
+def recalibrate_batchnorm(model: torch.nn.Module, batches: Sequence[torch.Tensor]) -> int:
+    """Re-estimate the running statistics of every BatchNorm layer of ``model`` from ``batches``.
+
+    The statistics are reset and then averaged with equal weight over the batches (cumulative
+    average, ``momentum=None``), in training mode without gradients ("precise BN"); the momentum
+    of each layer is restored afterwards and the model is left in eval mode. Returns the number of
+    BatchNorm layers (0: nothing to do, no forward pass is run).
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or not batches:
+        return 0
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.eval()
+    return len(bns)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,

@@ -61,6 +61,8 @@ class TrainResult:
     skipped_steps: int = 0
     checkpoint: Path | None = None
     train_seconds: float = 0.0
+    model: nn.Module | None = field(default=None, repr=False)
+    """The trained model (in memory, on its device; the unwrapped module under DDP)."""
 
 
 def lr_factor(step: int, total_steps: int, warmup: int, schedule: str, lr: float, min_lr: float) -> float:
@@ -365,7 +367,7 @@ def _train(
             writer.write({"kind": "eval", "step": step, "epoch": loader.epoch, **_scalars(final_eval)})
         last_ckpt = checkpoint() or last_ckpt
     writer.close()
-    return TrainResult(out_dir, step, loader.epoch, stopped_by, final_eval, skipped, last_ckpt, train_seconds)
+    return TrainResult(out_dir, step, loader.epoch, stopped_by, final_eval, skipped, last_ckpt, train_seconds, model)
 
 
 def _use_jac_reg(t: Any, step: int, epoch: int, pretrain: bool) -> bool:
