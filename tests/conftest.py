@@ -1,4 +1,4 @@
-"""Shared fixtures: the real CIFAR-10 copy beside the checkout (../shared/data)."""
+"""Shared fixtures: the real CIFAR-10 copy beside the checkout (../shared/data), one thread per test."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -20,3 +21,14 @@ def real_cifar_dir() -> Path:
             pytest.fail(message + "; CI=true requires it")
         pytest.skip(message)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Run every test single-threaded (restored afterwards): the tensors are small, and on a shared
+    2-core machine intra-op threads mostly wait on each other (a 1x4x7x7 conv2d took ~20 ms instead
+    of ~0.01 ms). Tests that launch processes set their own thread counts."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

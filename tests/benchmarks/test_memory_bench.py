@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -16,17 +14,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::lipdeq.solvers.SolverWarning") 
 
 SMALL = ["model.channels=[4,4]", "model.head_channels=[2,4]", "model.final_channels=8", "model.num_groups=2",
          "model.expansion=2"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One thread: these tests share 2 cores with other processes."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _model(extra: list[str]) -> MultiscaleDEQ:
     cfg = load_config("mdeq_tiny", [*SMALL, "model.f_tol=1e-12", *extra])
     torch.manual_seed(0)

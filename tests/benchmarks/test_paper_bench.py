@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,16 +27,6 @@ OPTIONS = {"test_subset": 24, "sweep_test_subset": 12, "probe_batch_size": 4, "e
            "memory_f_thres": (2, 4), "memory_batch_size": 2, "train_subset": 64, "max_evals": 3}
 PNGS = ("residuals.png", "accuracy_vs_time.png", "iterations.png", "sweep.png")
 SUMMARY_NUMBERS = ("train_step_speedup", "inference_speedup", "accuracy_baseline", "accuracy_lipschitz")
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _check_outputs(out: Path, profile: str, baseline: str) -> dict:
     data = json.loads((out / "results.json").read_text())
     s = data["summary"]

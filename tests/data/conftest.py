@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 
 def fake_batch(labels: np.ndarray | None = None, offset: int = 0) -> dict[str, Any]:
@@ -52,12 +51,3 @@ def fake_cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_fake_batch() -> Callable[..., dict[str, Any]]:
     """Return ``fake_batch`` (a well-formed 10000-row batch dict) for tests that alter it."""
     return fake_batch
-
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Any:
-    """Small tensors run fastest on one thread; on shared cores, two threads mostly wait on each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

@@ -63,16 +63,3 @@ def empirical_lipschitz(f: Callable[[Tensor], Tensor], shape: tuple[int, ...], n
 def oracles() -> SimpleNamespace:
     """The oracles: ``dense(op, in_shape)``, ``norm(matrix)``, ``empirical(f, shape)``."""
     return SimpleNamespace(dense=dense_matrix, norm=spectral_norm, empirical=empirical_lipschitz)
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Run these tiny-tensor tests single-threaded (restored afterwards).
-
-    On a shared 2-core machine, intra-op threading makes a 1x4x7x7 conv2d take ~20 ms instead of
-    ~0.01 ms (threads wait for each other); the tensors here are far too small to gain from threads.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
