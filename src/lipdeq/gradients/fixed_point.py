@@ -139,7 +139,7 @@ def fixed_point(
             z = (1.0 - phantom_tau) * z + phantom_tau * f(z)
         return z, sol
 
-    z_in = z_star.clone().requires_grad_()
+    z_in = z_star.requires_grad_()  # z_star is already detached from the solver's value
     z_out = f(z_in)
     if not z_out.requires_grad:  # f closes over nothing that needs a gradient
         return z_out, sol

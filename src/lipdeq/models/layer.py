@@ -175,6 +175,7 @@ class MultiscaleLayer(nn.Module):
         self.fuse_layers = nn.ModuleList(fuse)
         self.post_fuse_layers = nn.ModuleList(PostFuse(cfg, c, s) for c, s in zip(cfg.channels, self.sizes))
         self.register_buffer("fusion_w", fusion_weights(n, cfg.fusion), persistent=False)
+        self._fusion_scalars = self.fusion_w.tolist()  # plain floats for the forward (called every iteration)
 
     @property
     def state_dim(self) -> int:
@@ -208,7 +209,7 @@ class MultiscaleLayer(nn.Module):
                     continue
                 term = self.fuse_layers[i][j](blocks[j])
                 if self.cfg.fusion == "softmax":
-                    term = self.fusion_w[i, j].to(term.dtype) * term
+                    term = self._fusion_scalars[i][j] * term
                 fused = term if fused is None else fused + term
             if fused is None:
                 y = blocks[i]

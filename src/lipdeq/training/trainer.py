@@ -295,7 +295,8 @@ def _train(
                         loss.backward()
                     if t.grad_clip is not None:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                    grads_ok = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+                    grads = [p.grad for p in model.parameters() if p.grad is not None]
+                    grads_ok = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
                     finite = all_ranks_true(grads_ok, ctx)
                 if not finite:
                     skipped += 1
