@@ -39,6 +39,7 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 from torch import nn
 
+from lipdeq.training.rundir import CHECKPOINT_DIR
 from lipdeq.training.rundir import pid_alive as _pid_alive
 
 __all__ = [
@@ -467,6 +468,8 @@ def _resolve(path: Path) -> Path:
         raise CheckpointError(_describe_non_checkpoint(path))
     if (path / META_FILE).exists():
         return path
+    if (path / CHECKPOINT_DIR).is_dir():  # a run directory
+        path = path / CHECKPOINT_DIR
     found = find_latest(path)
     if found is None:
         raise CheckpointError(
@@ -533,8 +536,8 @@ def load_checkpoint(
     expected_model_name: str | None = None,
     map_location: str | torch.device = "cpu",
 ) -> Checkpoint:
-    """Load and verify a checkpoint; ``path`` is a checkpoint directory (uses ``latest``), a tag directory
-    or its ``meta.json``.
+    """Load and verify a checkpoint; ``path`` is a run directory or its checkpoint directory (both use
+    ``latest``), a tag directory or its ``meta.json``.
 
     Every file's sha256 is checked before it is decoded. Model tensors are moved to ``map_location``.
     Raises :class:`CheckpointError`, naming the file, when the path is not a checkpoint (e.g. a pickle),

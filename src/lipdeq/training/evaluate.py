@@ -133,9 +133,6 @@ def evaluate_checkpoint(
     from lipdeq.models import MultiscaleDEQ
     from lipdeq.training.checkpoint import CheckpointError, load_checkpoint
 
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
     ck = load_checkpoint(path)
     cfg = config_from_dict(ck.config, overrides, what=f"configuration stored in {ck.path}")
     if cfg.model.name != ck.model_name:
