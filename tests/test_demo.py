@@ -7,8 +7,8 @@ import json
 from lipdeq.demo import run_demo
 
 SHRINK = ["model.channels=[8,8]", "model.head_channels=[4,4]", "model.final_channels=16", "model.num_groups=4",
-          "data.train_subset=64", "data.test_subset=32", "data.synthetic_train_size=64",
-          "data.synthetic_test_size=32", "train.num_threads=1"]
+          "data.train_subset=64", "data.test_subset=32",
+          "train.num_threads=1"]
 
 
 def test_demo_compares_both_models(tmp_path, capsys):

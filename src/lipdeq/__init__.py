@@ -15,6 +15,7 @@ _LAZY = {
     "solve": "lipdeq.solvers",
     "Solution": "lipdeq.solvers",
     "Status": "lipdeq.solvers",
+    "LipdeqError": "lipdeq.errors",
 }
 __all__ = [*_LAZY, "__version__"]
 

@@ -1,24 +1,61 @@
-"""Command line: ``lipdeq {demo, train, eval, bench, certify, models, data}`` (thin wrappers)."""
+"""Command line: ``lipdeq {demo, train, eval, bench, certify, models, data}`` (thin wrappers).
+
+Exit codes: 0 success; 2 a fault in what the user gave (a :class:`~lipdeq.errors.LipdeqError`,
+printed as one line naming the problem, or a bad command-line argument); 1 the operating system
+refused a file or network operation (an ``OSError``: missing file, disk full, read-only directory),
+printed as one line naming the path; 130 interrupted. Any other exception is a bug or a resource
+failure (an out-of-memory ``RuntimeError``): it propagates with its traceback (exit status 1).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from lipdeq.checks import check_int, check_real
+from lipdeq.errors import LipdeqError
+from lipdeq.jsonsafe import json_safe
+
+EXIT_USER_ERROR = 2
+EXIT_OS_ERROR = 1
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
+def _checked(convert: type, check: Callable[[object], object]) -> Callable[[str], object]:
+    """An argparse ``type``: ``convert`` the text (``int``/``float``), then validate it with a
+    :mod:`lipdeq.checks` rule; argparse turns the refusal into a usage error naming the option."""
+
+    def parse(text: str) -> object:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if convert is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        try:
+            return check(value)
+        except (TypeError, ValueError) as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
+_POSITIVE_INT = _checked(int, lambda v: check_int("value", v, minimum=1))
+_POSITIVE_SECONDS = _checked(float, lambda v: check_real("value", v, above=0.0))
+
+
+def _device(text: str) -> str:
+    """argparse ``type`` for ``--device``: refuse, as a usage error, what
+    :func:`lipdeq.training.device.resolve_device` refuses (every command, the benchmarks included)."""
+    from lipdeq.training.device import DeviceError, resolve_device  # imports torch: only with --device
+
+    try:
+        resolve_device(text, distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    except DeviceError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _with_data_dir(overrides: list[str], data_dir: str | None) -> list[str]:
@@ -35,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = {"out": str(result.out_dir), "step": result.step, "epoch": result.epoch,
                "stopped_by": result.stopped_by, "skipped_steps": result.skipped_steps, **result.final_eval}
     if os.environ.get("RANK", "0") == "0":
-        print(json.dumps(_json_safe(summary)))
+        print(json.dumps(json_safe(summary)))
     return 0
 
 
@@ -47,7 +84,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.json:
         for k, v in metrics.items():
             print(f"{k:>28}: {v}")
-    print(json.dumps(_json_safe(metrics)))
+    print(json.dumps(json_safe(metrics)))
     return 0
 
 
@@ -76,8 +113,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
-    from lipdeq.models import create_model
+    from lipdeq.configs import ConfigError
+    from lipdeq.models import create_model, list_models
 
+    names = list_models()
+    if args.model not in names:  # a user's typo, not a bug: one line, not create_model's ValueError
+        raise ConfigError(f"unknown model {args.model!r}; registered models: {', '.join(names)}")
     model = create_model(args.model)
     for mode in ("hyper", "weights"):
         cert = model.lipschitz_bound(mode=mode)
@@ -115,18 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train lipmdeq_tiny and mdeq_tiny briefly and compare them")
     demo.add_argument("--data-dir", help="CIFAR-10 directory (default: the embedded synthetic set)")
     demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    demo.add_argument("--seconds", type=float, default=60.0, help="training budget per model (default 60)")
-    demo.add_argument("--steps", type=int, default=None, help="fixed number of steps per model instead")
+    demo.add_argument("--seconds", type=_POSITIVE_SECONDS, default=60.0,
+                      help="training budget per model (default 60)")
+    demo.add_argument("--steps", type=_POSITIVE_INT, default=None, help="fixed number of steps per model instead")
     demo.set_defaults(func=cmd_demo)
 
     tr = sub.add_parser("train", help="train a preset or YAML config")
     tr.add_argument("--config", required=True, help="preset name (see `lipdeq models`) or YAML file")
     tr.add_argument("--out", required=True, help="run directory")
     tr.add_argument("--data-dir", help="CIFAR-10 directory (or set LIPDEQ_DATA_DIR)")
-    tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    tr.add_argument("--overwrite", action="store_true", help="reuse a directory that holds another run")
+    reuse = tr.add_mutually_exclusive_group()
+    reuse.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    reuse.add_argument("--overwrite", action="store_true", help="reuse a directory that holds another run")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    tr.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    tr.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(func=cmd_train)
 
@@ -134,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or meta.json")
     ev.add_argument("--data-dir")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ev.add_argument("--device", default=None)
+    ev.add_argument("--device", type=_device, default=None)
     ev.add_argument("--json", action="store_true", help="print only one JSON object")
     ev.set_defaults(func=cmd_eval)
 
@@ -143,11 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     prof = be.add_mutually_exclusive_group()
     prof.add_argument("--quick", action="store_true", help="CPU-sized profile (default)")
     prof.add_argument("--full", action="store_true", help="the GPU recipe: full training of both models")
-    be.add_argument("--data-dir")
+    be.add_argument("--data-dir", help="CIFAR-10 directory (default: $LIPDEQ_DATA_DIR; with neither, the "
+                    "paper bench uses the embedded synthetic set and says so)")
     be.add_argument("--out", default="runs/bench")
-    be.add_argument("--device", default=None)
-    be.add_argument("--batch-size", type=int, default=32, help="solvers bench batch size")
-    be.add_argument("--repeats", type=int, default=3, help="solvers bench repeats")
+    be.add_argument("--device", type=_device, default=None)
+    be.add_argument("--batch-size", type=_POSITIVE_INT, default=32, help="solvers bench batch size")
+    be.add_argument("--repeats", type=_POSITIVE_INT, default=3, help="solvers bench repeats")
     be.set_defaults(func=cmd_bench)
 
     ce = sub.add_parser("certify", help="print a preset's Lipschitz certificate")
@@ -175,9 +219,32 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"lipdeq {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except LipdeqError as err:
+        print(f"lipdeq {args.command}: error: {_one_line(str(err))}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as err:
+        print(f"lipdeq {args.command}: error: {_describe_os_error(err, args)}", file=sys.stderr)
+        return EXIT_OS_ERROR
+    # Everything else (programming errors, out-of-memory RuntimeErrors) keeps its traceback.
+
+
+def _one_line(message: str) -> str:
+    """A multi-line message (a headline, then one indented line per problem) as one line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else message
+    return f"{lines[0]} {'; '.join(lines[1:])}"
+
+
+def _describe_os_error(err: OSError, args: argparse.Namespace) -> str:
+    """``err`` with the path it concerns; a write that fails without one (disk full) names --out."""
+    what = err.strerror or str(err)
+    paths = [p for p in (err.filename, err.filename2) if p is not None]
+    if paths:
+        # filename may be a descriptor (an int) for errors on an open file
+        return f"{what}: " + " -> ".join(repr(os.fsdecode(p)) if isinstance(p, str | bytes) else str(p) for p in paths)
+    out = getattr(args, "out", None)
+    return f"{what} (while working in {str(out)!r})" if out else _one_line(str(err))
 
 
 if __name__ == "__main__":

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
 from lipdeq.configs import load_config
 from lipdeq.data import load_dataset, to_float_normalized
+from lipdeq.errors import LipdeqError
+from lipdeq.jsonsafe import json_safe
+from lipdeq.optional import MissingExtraError, pyplot
 from lipdeq.training import evaluate, recalibrate_batchnorm, train
 
 DEMO_MODELS = ("lipmdeq_tiny", "mdeq_tiny")
@@ -97,12 +102,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(histories: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    """Training loss and forward iterations against wall-clock for both models."""
-    import matplotlib
+    """Training loss and forward iterations against wall-clock for both models, saved to ``path``.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    Raises :class:`lipdeq.optional.MissingExtraError` (naming ``lipdeq[plots]``) without matplotlib.
+    """
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name, recs in histories.items():
         t, elapsed = [], 0.0
@@ -121,6 +125,51 @@ def plot(histories: dict[str, list[dict[str, Any]]], path: Path) -> None:
     plt.close(fig)
 
 
+DEMO_MARKER = ".lipdeq-demo"  # in the demo's --out: the run directories beside it are the demo's own
+
+
+class DemoError(LipdeqError, ValueError):
+    """A demo budget or output directory that cannot be used."""
+
+
+def check_budget(seconds_per_model: float | None, steps: int | None) -> None:
+    """Refuse budgets that are not budgets: zero, negative, NaN or infinite seconds; zero or negative steps.
+
+    (``train.max_seconds=null`` means *no* limit, so a zero that fell through would train the whole
+    preset: thousands of steps, hours for mdeq_tiny.)
+    """
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise DemoError(f"--steps must be a positive number of training steps per model, got {steps!r}")
+        return
+    if seconds_per_model is None:
+        raise DemoError("the demo needs a budget: --seconds S (per model) or --steps N")
+    if (isinstance(seconds_per_model, bool) or not isinstance(seconds_per_model, int | float)
+            or not math.isfinite(seconds_per_model) or seconds_per_model <= 0):
+        raise DemoError(f"--seconds must be a positive, finite number of seconds per model, got {seconds_per_model!r}")
+
+
+def _claim_out_dir(out_dir: Path) -> None:
+    """Make sure the demo only ever overwrites run directories that an earlier demo wrote.
+
+    The demo trains into ``out_dir/<preset>`` with overwrite on; without this check
+    ``lipdeq demo --out runs`` would wipe a user's ``lipdeq train --out runs/lipmdeq_tiny``.
+    """
+    ours = (out_dir / DEMO_MARKER).is_file()
+    for name in DEMO_MODELS:
+        run = out_dir / name
+        if run.exists() and (not run.is_dir() or any(run.iterdir())) and not ours:
+            raise DemoError(f"{run} exists and was not written by the demo (no {out_dir / DEMO_MARKER}); "
+                            "the demo will not overwrite it: choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / DEMO_MARKER).write_text(json.dumps({"models": list(DEMO_MODELS)}) + "\n", encoding="utf-8")
+    for stale in (SUMMARY_FILE, PLOT_FILE):  # an interrupted demo must not leave an old result beside it
+        (out_dir / stale).unlink(missing_ok=True)
+
+
+SUMMARY_FILE, PLOT_FILE = "summary.json", "demo.png"
+
+
 def run_demo(
     out_dir: Path,
     data_dir: str | None = None,
@@ -130,19 +179,36 @@ def run_demo(
 ) -> list[dict[str, Any]]:
     """Train both tiny models on the same data and budget, print the comparison, save a plot and
     ``summary.json`` in ``out_dir``. Returns the per-model summaries. ``extra_overrides`` (config
-    ``key=value`` strings) are applied to both models after the demo's own."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ``key=value`` strings) are applied to both models after the demo's own.
+
+    ``steps`` (when given) wins over ``seconds_per_model``; both must be positive. The demo writes
+    only into ``out_dir`` and its ``<preset>`` subdirectories, and refuses to overwrite a run
+    directory it did not write itself. SIGINT/SIGTERM stops the whole demo: the interrupted model
+    keeps its checkpoint, no second model is trained, no comparison is written, and
+    ``KeyboardInterrupt`` is raised (the command exits 130).
+    """
+    check_budget(seconds_per_model, steps)
+    out_dir = Path(out_dir)
+    configs = {name: load_config(name, [*demo_overrides(data_dir, seconds_per_model, steps),
+                                        *(extra_overrides or [])]) for name in DEMO_MODELS}
+    _claim_out_dir(out_dir)
     rows, histories = [], {}
-    for name in DEMO_MODELS:
-        cfg = load_config(name, [*demo_overrides(data_dir, seconds_per_model, steps), *(extra_overrides or [])])
+    for name, cfg in configs.items():
         records: list[dict[str, Any]] = []
         result = train(cfg, out_dir / name, overwrite=True, progress=True, on_step=records.append)
+        if result.stopped_by.startswith("signal"):
+            print(f"\ndemo stopped by {result.stopped_by.split(':', 1)[-1]} while training {name} "
+                  f"(step {result.step}, checkpoint in {out_dir / name}); no comparison written", file=sys.stderr)
+            raise KeyboardInterrupt
         result.final_eval.update(_precise_bn_eval(result.model, cfg))
         rows.append(_summarise(name, records, result))
         histories[name] = records
     print()
     print(format_table(rows))
-    plot(histories, out_dir / "demo.png")
-    (out_dir / "summary.json").write_text(json.dumps(rows, indent=2, default=str))
-    print(f"\nplot: {out_dir / 'demo.png'}   summary: {out_dir / 'summary.json'}")
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(json_safe(rows), indent=2), encoding="utf-8")
+    try:  # the comparison is the result; the figure is optional (matplotlib is the `plots` extra)
+        plot(histories, out_dir / PLOT_FILE)
+        print(f"\nplot: {out_dir / PLOT_FILE}   summary: {out_dir / SUMMARY_FILE}")
+    except MissingExtraError as err:
+        print(f"\nsummary: {out_dir / SUMMARY_FILE}   (plot skipped: {err})")
     return rows

@@ -169,3 +169,19 @@ def test_config_is_frozen_and_strict() -> None:
         cfg.train.lr = 0.5  # type: ignore[misc]
     assert isinstance(cfg, RunConfig)
     assert issubclass(ConfigError, ValueError)
+
+
+def test_retired_keys_are_dropped_from_stored_configs_only(tmp_path: Path) -> None:
+    """Checkpoints of earlier versions stored data.synthetic_*_size (never read): they still load,
+    while a user file that sets one is told the key is unknown."""
+    from lipdeq.configs import RETIRED_KEYS, config_from_dict
+
+    cfg = load_config("lipmdeq_tiny")
+    old = cfg.to_dict()
+    old["data"] = {**old["data"], "synthetic_train_size": 10000, "synthetic_test_size": 2000}
+    assert {f"data.{k}" for k in ("synthetic_train_size", "synthetic_test_size")} == RETIRED_KEYS
+    assert config_from_dict(old, what="checkpoint") == cfg
+    assert "synthetic_train_size" in old["data"]  # the caller's mapping is not changed
+    path = _write(tmp_path / "user.yaml", "base: lipmdeq_tiny\ndata: {synthetic_train_size: 64}\n")
+    with pytest.raises(ConfigError, match=r"data\.synthetic_train_size is not a known key"):
+        load_config(path)

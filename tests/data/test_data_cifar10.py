@@ -11,12 +11,23 @@ import numpy as np
 import pytest
 import torch
 
-from lipdeq.data import LOCAL_COPY_SHA256, DataError, load_cifar10, resolve_data_dir
+from lipdeq.data import DataError, load_cifar10, resolve_data_dir
 
 # The first ten labels of the original CIFAR-10 test_batch (cat, ship, ship, airplane, frog, frog,
 # automobile, frog, cat, automobile), as quoted widely, independent of the local copy.
 FIRST_TEST_LABELS = [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
 PUBLISHED_TEST_MEAN = (0.4942, 0.4851, 0.4504)
+# sha256 of the lossy JPEG-derived copy under ../shared/data (see CIFAR10_SOURCE.md there): a fact
+# about this workspace's copy, so it lives in the tests, not in the library.
+SHARED_COPY_SHA256 = {
+    "batches.meta": "b8ed9534b4f8a6fa6f9b80e62eeb4cb1e6855f9375651f9599e50d984e694c08",
+    "data_batch_1": "7d18ac28e9e9e0608262a2e2384a476df264c3330b6276fdf542cb1a6ecdeee0",
+    "data_batch_2": "2391c00abe6c0b62d6af10d5511708d74fc8e479817a2786e4027fe98dc87c36",
+    "data_batch_3": "8345110ece42a5920f9b760c34b79d110395a73ed27883800c55a4a2c41592c9",
+    "data_batch_4": "923942b4470eb496b079aa1c54868df51ae48316234d395889d2086eef98a312",
+    "data_batch_5": "1cc34303442eec9c0555ac28ec166e0574215d15d5535e01cb3b980ff02cc53a",
+    "test_batch": "383f6718f0b254ab79c82c2e6c494ab0e2d06b7904ed26702b8971d34ab5447c",
+}
 
 
 def _layout(tmp_path: Path, name: str, batch: object, writer) -> Path:
@@ -151,8 +162,14 @@ def test_labels_length_mismatch(tmp_path: Path, batch_writer, make_fake_batch) -
 def test_bad_split_and_subset(fake_cifar_root: Path) -> None:
     with pytest.raises(ValueError, match="split"):
         load_cifar10(fake_cifar_root, "val")  # type: ignore[arg-type]
-    for bad in (0, -1, 10001, True, 2.5):
+    for bad in (0, -1):
         with pytest.raises(ValueError, match="subset"):
+            load_cifar10(fake_cifar_root, "test", subset=bad)
+    # more than the split holds: a DataError (a ValueError), so the CLI reports it as one line
+    with pytest.raises(DataError, match=r"subset must be <= 10000 .*test split.*10001"):
+        load_cifar10(fake_cifar_root, "test", subset=10001)
+    for bad in (True, 2.5):  # the wrong type: TypeError, as everywhere (lipdeq.checks)
+        with pytest.raises(TypeError, match="subset"):
             load_cifar10(fake_cifar_root, "test", subset=bad)  # type: ignore[arg-type]
 
 
@@ -172,6 +189,9 @@ def test_resolve_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     assert resolve_data_dir(str(tmp_path / "cli")) == tmp_path / "cli"
     monkeypatch.setenv("LIPDEQ_DATA_DIR", "")
     assert resolve_data_dir(None) is None
+    with pytest.raises(DataError, match="--data-dir DIR .* LIPDEQ_DATA_DIR=DIR"):
+        resolve_data_dir(None, required=True)
+    assert resolve_data_dir(tmp_path / "p", required=True) == tmp_path / "p"
 
 
 # --- real data -------------------------------------------------------------------------------------
@@ -211,5 +231,8 @@ def test_real_truncated_copy_named(real_cifar_dir: Path, tmp_path: Path) -> None
 
 def test_real_sha256_matches_documented(real_cifar_dir: Path) -> None:
     meta = real_cifar_dir / "batches.meta"
-    assert hashlib.sha256(meta.read_bytes()).hexdigest() == LOCAL_COPY_SHA256["batches.meta"]
+    assert hashlib.sha256(meta.read_bytes()).hexdigest() == SHARED_COPY_SHA256["batches.meta"]
+    # and load_cifar10's own check accepts the copy with the documented digests
+    images, _ = load_cifar10(real_cifar_dir, "test", subset=5, sha256=SHARED_COPY_SHA256)
+    assert images.shape == (5, 3, 32, 32)
 

@@ -19,6 +19,8 @@ from lipdeq.lipschitz import (
     find_operator_norm_cap,
 )
 
+from .reference_caps import apply_reference_cap
+
 
 def pre_cap_weight(conv: nn.Conv2d) -> torch.Tensor:
     """The weight-norm output (before the cap), from g and v."""
@@ -55,7 +57,7 @@ def test_cap_holds_under_large_adam_steps_with_weight_norm(stride):
 
 
 def test_rescaling_weight_data_is_undone_by_weight_norm():
-    # DESIGN pitfall 1: with weight norm, conv.weight is recomputed from (g, v) at every forward.
+    # docs/MATH.md section 6.1: with weight norm, conv.weight is recomputed from (g, v) at every forward.
     torch.manual_seed(1)
     conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
     weight_norm(conv)
@@ -71,18 +73,24 @@ def test_rescaling_weight_data_is_undone_by_weight_norm():
 
 @pytest.mark.parametrize("operator", ["fft", "circular", "zero_padded"])
 def test_each_operator_mode_caps_its_operator(operator, oracles):
+    # "fft" is the library's cap; "circular" and "zero_padded" are the grid power-iteration
+    # references of tests/lipschitz/reference_caps.py.
     torch.manual_seed(2)
     size, max_norm = (6, 6), 1.5
     conv = nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=False).double()
     with torch.no_grad():
         conv.weight.mul_(20.0)
-    apply_operator_norm_cap(conv, max_norm, size, operator=operator, warmup_iterations=1000, warmup_tol=1e-10)
+    if operator == "fft":
+        apply_operator_norm_cap(conv, max_norm, size)
+    else:
+        apply_reference_cap(conv, max_norm, size, circular=operator == "circular", warmup_iterations=1000,
+                            warmup_tol=1e-10)
     w = effective_weight(conv)
     real = oracles.norm(oracles.dense(lambda x: F.conv2d(x, w, stride=2, padding=1), (1, 2, *size)))
     cert = conv_operator_norm(w, size, stride=2)
     if operator == "zero_padded":
         assert real == pytest.approx(max_norm, rel=1e-3)
-        assert find_operator_norm_cap(conv).v.shape == (1, 2, *size)
+        assert conv.parametrizations.weight[-1].v.shape == (1, 2, *size)
     else:
         assert cert == pytest.approx(max_norm, rel=1e-3)
         assert real <= max_norm * (1 + 1e-3)
@@ -185,7 +193,7 @@ def test_groups_and_dilation_and_bad_inputs():
         apply_operator_norm_cap(nn.Conv2d(2, 2, 3), -1.0, (7, 7))
     with pytest.raises(ValueError, match="padding_mode"):
         apply_operator_norm_cap(nn.Conv2d(2, 2, 3, padding_mode="reflect"), 1.0, (7, 7))
-    with pytest.raises(ValueError, match="operator"):
+    with pytest.raises(TypeError, match="operator"):  # one operator only: there is no mode to choose
         apply_operator_norm_cap(nn.Conv2d(2, 2, 3), 1.0, (7, 7), operator="reshape")
 
 

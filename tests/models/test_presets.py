@@ -10,7 +10,7 @@ import torch
 
 from lipdeq.models import NotAContractionError, create_model, list_models, model_config
 
-# DESIGN section 3: parameter counts of the reference code, executed (total, in f).
+# Parameter counts of the executed reference code (total, in f).
 REFERENCE_COUNTS = {"tiny": (158_890, 111_696), "large": (11_097_438, 8_715_232)}
 
 
@@ -33,7 +33,7 @@ def test_registry_lists_every_preset():
 
 
 def _hyper_bound_by_hand(n: int, s=0.4, alpha=0.5, beta=0.3, L=2.0, g=1.0) -> float:
-    """DESIGN section 2 evaluated independently with numpy: every conv at L, every gamma at g."""
+    """docs/MATH.md section 3 evaluated independently with numpy: every conv at L, every gamma at g."""
     block = g * s * ((1 - alpha) + alpha * g**2 * s * L * L)
     post = s * L
     M = np.zeros((n, n))
@@ -62,7 +62,7 @@ def test_hyperparameter_bound_matches_independent_arithmetic(name, branches):
 
 
 def test_known_figures_of_the_design_brief():
-    # DESIGN: about 0.69 for the tiny widths, about 0.73 for the large ones (every conv at its cap).
+    # The design brief: about 0.69 for the tiny widths, about 0.73 for the large ones (every conv at its cap).
     assert _hyper_bound_by_hand(2) == pytest.approx(0.69, abs=0.005)
     assert _hyper_bound_by_hand(4) == pytest.approx(0.73, abs=0.005)
 

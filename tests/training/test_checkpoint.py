@@ -72,7 +72,6 @@ def _save(directory: Path, model: nn.Module, step: int, tag: str = "last", **kw:
     args: dict = dict(
         model=model,
         optimizer=None,
-        scheduler_state=None,
         config=CONFIG,
         step=step,
         epoch=0,
@@ -93,11 +92,10 @@ def test_resume_is_bit_identical(tmp_path: Path) -> None:
         tmp_path,
         model=model,
         optimizer=opt,
-        scheduler_state={"last_epoch": 2},
         config=CONFIG,
         step=2,
         epoch=0,
-        extra_state={"batch": 2},
+        extra_state={"batch": 2, "scheduler": {"last_epoch": 2}},
         rng_state=capture_rng_state(),
         tag="last",
     )
@@ -109,6 +107,7 @@ def test_resume_is_bit_identical(tmp_path: Path) -> None:
         _seed_all(123)
         other, other_opt = _make(7)
         ckpt = load_checkpoint(tmp_path)
+        assert ckpt.extra_state == {"batch": 2, "scheduler": {"last_epoch": 2}}
         other.load_state_dict(ckpt.model_state)
         other_opt.load_state_dict(ckpt.optimizer_state)
         if restore_rng:
@@ -134,7 +133,6 @@ def test_meta_contents_and_checksums(tmp_path: Path) -> None:
         tmp_path / "ckpt",
         model=model,
         optimizer=opt,
-        scheduler_state=None,
         config=CONFIG,
         step=5,
         epoch=2,
@@ -207,11 +205,11 @@ def test_failed_rename_keeps_a_loadable_checkpoint(
 
 
 def test_failed_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lipdeq.training.checkpoint as ck
+    import lipdeq.atomic as atomic
 
     model, opt = _make(0)
     _save(tmp_path, model, 1)
-    real_write, calls = ck._write_file, []
+    real_write, calls = atomic.write_file, []
 
     def flaky_write(path: Path, data: bytes) -> dict:
         calls.append(path)
@@ -220,7 +218,7 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pyt
             raise OSError("disk full")
         return real_write(path, data)
 
-    monkeypatch.setattr(ck, "_write_file", flaky_write)
+    monkeypatch.setattr(atomic, "write_file", flaky_write)
     with pytest.raises(OSError, match="disk full"):
         _save(tmp_path, model, 2, optimizer=opt)
     assert load_checkpoint(tmp_path).step == 1
@@ -236,7 +234,7 @@ _CRASH_SCRIPT = textwrap.dedent(
     def run(directory, crash_at):
         model = torch.nn.Linear(2, 2)
         cfg = {"model": {"name": "crash"}}
-        kw = dict(model=model, optimizer=None, scheduler_state=None, config=cfg, epoch=0, extra_state={},
+        kw = dict(model=model, optimizer=None, config=cfg, epoch=0, extra_state={},
                   rng_state=None, tag="last")
         save_checkpoint(directory, step=1, **kw)
         real, calls = os.replace, []
@@ -344,6 +342,37 @@ def test_wrong_model_name_names_both(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"meta\.json belongs to model 'lipmdeq_tiny'.*'mdeq_tiny'"):
         load_checkpoint(tmp_path, expected_model_name="mdeq_tiny")
     assert load_checkpoint(tmp_path, expected_model_name="lipmdeq_tiny").model_name == "lipmdeq_tiny"
+
+
+def test_model_name_falls_back_to_the_models_own_config(tmp_path: Path) -> None:
+    """Without a name in ``config``, the name comes from the model's ModelConfig (``model.cfg``)."""
+    from lipdeq.models import create_model
+
+    model = create_model("lipmdeq_tiny", channels=[8, 8], head_channels=[4, 4], final_channels=16, num_groups=4)
+    path = _save(tmp_path, model, 1, config={"train": {"lr": 0.01}})
+    assert json.loads((path / "meta.json").read_text())["model_name"] == "lipmdeq_tiny"
+    assert load_checkpoint(tmp_path, expected_model_name="lipmdeq_tiny").model_name == "lipmdeq_tiny"
+    _save(tmp_path / "plain", Tiny(), 1, config={})
+    assert load_checkpoint(tmp_path / "plain").model_name == "Tiny"  # no config anywhere: the class name
+
+
+def test_save_has_no_scheduler_state_parameter(tmp_path: Path) -> None:
+    """The scheduler's state travels in ``extra_state`` (as the trainer stores it); no second channel."""
+    with pytest.raises(TypeError, match="scheduler_state"):
+        _save(tmp_path, Tiny(), 1, scheduler_state={"last_epoch": 1})
+    assert not tmp_path.joinpath("last").exists()
+
+
+def test_public_names_are_the_same_objects_everywhere() -> None:
+    import lipdeq.training as training
+    import lipdeq.training.checkpoint as checkpoint
+    import lipdeq.training.rng as rng
+
+    names = ["Checkpoint", "CheckpointError", "find_latest", "load_checkpoint", "save_checkpoint"]
+    for name in [*names, "capture_rng_state", "restore_rng_state"]:
+        assert getattr(training, name) is getattr(checkpoint, name), name
+    assert checkpoint.capture_rng_state is rng.capture_rng_state
+    assert checkpoint.restore_rng_state is rng.restore_rng_state
 
 
 def test_non_finite_parameter_and_buffer_are_refused(tmp_path: Path) -> None:

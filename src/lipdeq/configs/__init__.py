@@ -1,14 +1,16 @@
-"""Run configuration: strict typed records, the shipped YAML presets and their loader.
+"""Run configuration: strict typed records and their loader (presets, user files, overrides).
 
-Import order matters: ``loader`` (no lipdeq imports at module level) comes before ``schema`` (which
-imports lipdeq.models, whose registry imports ``list_presets`` / ``model_preset`` from here).
+Layering: ``lipdeq.presets`` (the YAML data) < ``lipdeq.models.config`` < this package; nothing
+below imports back, so any import order works.
 """
 
 from __future__ import annotations
 
 from lipdeq.configs.loader import (
+    RETIRED_KEYS,
     ConfigError,
     config_from_dict,
+    drop_retired_keys,
     list_presets,
     load_config,
     model_preset,
@@ -17,8 +19,10 @@ from lipdeq.configs.loader import (
 from lipdeq.configs.schema import DataConfig, RunConfig, TrainConfig
 
 __all__ = [
+    "RETIRED_KEYS",
     "ConfigError",
     "config_from_dict",
+    "drop_retired_keys",
     "DataConfig",
     "RunConfig",
     "TrainConfig",

@@ -11,116 +11,45 @@ import copy
 import difflib
 import functools
 import os
-import re
 from collections.abc import Mapping, Sequence
-from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args
+from typing import Any, get_args
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
-if TYPE_CHECKING:
-    from lipdeq.configs.schema import RunConfig
+from lipdeq.configs.schema import RunConfig
+from lipdeq.presets import ConfigError, list_presets, parse_yaml, read_preset
 
-# lipdeq.configs.schema is imported inside the functions that need it: it imports lipdeq.models, whose
-# registry imports this module (list_presets, model_preset), so a top-level import would be circular.
+__all__ = [
+    "RETIRED_KEYS",
+    "ConfigError",
+    "config_from_dict",
+    "drop_retired_keys",
+    "list_presets",
+    "load_config",
+    "model_preset",
+    "parse_override",
+]
 
-__all__ = ["ConfigError", "list_presets", "load_config", "model_preset", "parse_override"]
-
-_PRESET_PACKAGE = "lipdeq.configs"
-_PRESET_DIR = "presets"
 _BASE_KEY = "base"
-
-
-class ConfigError(ValueError):
-    """A configuration could not be loaded: bad preset name, file, YAML, key, type or value."""
-
-
-# --------------------------------------------------------------------------------------------- YAML
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys and reads ``1e-3`` as a float (YAML 1.2), not a string."""
-
-
-_FLOAT_RE = re.compile(
-    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-    |\.[0-9_]+(?:[eE][-+][0-9]+)?
-    |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""",
-    re.X,
-)
-_StrictLoader.yaml_implicit_resolvers = {
-    ch: [(tag, _FLOAT_RE if tag == "tag:yaml.org,2002:float" else rx) for tag, rx in resolvers]
-    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    out: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if not isinstance(key, str):
-            raise yaml.constructor.ConstructorError(
-                None, None, f"mapping key {key!r} is not a string", key_node.start_mark
-            )
-        if key in out:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-        out[key] = loader.construct_object(value_node, deep=deep)
-    return out
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _parse_yaml(text: str, source: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark else source
-        problem = exc.problem or exc.context or str(exc)
-        raise ConfigError(f"YAML error in {where}: {problem}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"YAML error in {source}: {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------ presets
 
 
-def _preset_root() -> Any:
-    return resources.files(_PRESET_PACKAGE).joinpath(_PRESET_DIR)
-
-
-def list_presets() -> list[str]:
-    """Return the sorted names of the YAML presets shipped in ``lipdeq/configs/presets``."""
-    return sorted(
-        entry.name[: -len(".yaml")] for entry in _preset_root().iterdir() if entry.name.endswith(".yaml")
-    )
-
-
 @functools.cache
 def _preset_raw(name: str) -> dict[str, Any]:
-    names = list_presets()
-    if name not in names:
-        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(names)}")
-    source = f"preset {name!r} ({_PRESET_DIR}/{name}.yaml)"
-    data = _parse_yaml(_preset_root().joinpath(f"{name}.yaml").read_text(encoding="utf-8"), source)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source} must hold a mapping with keys model, data, train")
+    """The preset's mapping, checked to be self-contained (cached: callers deep-merge it, never mutate)."""
+    data = read_preset(name)
     if _BASE_KEY in data:
-        raise ConfigError(f"{source}: presets may not use '{_BASE_KEY}'")
+        raise ConfigError(f"preset {name!r}: presets may not use '{_BASE_KEY}'")
     return data
 
 
 def model_preset(name: str) -> dict[str, Any]:
     """Return the complete, validated ``model:`` section of preset ``name`` as a fresh dict.
 
-    This is what ``lipdeq.models.create_model(name)`` builds from: the model registry is the preset
-    directory. Raises :class:`ConfigError` for an unknown preset.
+    Raises :class:`ConfigError` for an unknown preset.
     """
     return load_config(name).model.model_dump()
 
@@ -164,7 +93,7 @@ def parse_override(override: str) -> tuple[list[str], Any]:
     parts = key.split(".")
     if not key or any(not p.strip() or p != p.strip() for p in parts):
         raise ConfigError(f"override {override!r}: {key!r} is not a dotted key such as train.lr")
-    return parts, _parse_yaml(raw, f"override {override!r}") if raw.strip() else None
+    return parts, parse_yaml(raw, f"override {override!r}") if raw.strip() else None
 
 
 def _apply_override(
@@ -213,7 +142,7 @@ def _read_user_file(
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    data = _parse_yaml(text, str(path))
+    data = parse_yaml(text, str(path))
     if data is None:
         raise ConfigError(f"config file {path} is empty")
     if not isinstance(data, dict):
@@ -247,8 +176,6 @@ def _read_user_file(
 
 def _section_model(loc: Sequence[str | int]) -> type[BaseModel] | None:
     """The pydantic model class reached by following ``loc`` from RunConfig (None if not a model)."""
-    from lipdeq.configs.schema import RunConfig
-
     model: type[BaseModel] = RunConfig
     for part in loc:
         if not isinstance(part, str) or part not in model.model_fields:
@@ -329,13 +256,15 @@ def _origin_of(loc: Sequence[str | int], origin: Mapping[str, str]) -> str | Non
     return ", ".join(sources) if sources else None
 
 
-def _validate(data: dict[str, Any], origin: Mapping[str, str], what: str) -> RunConfig:
-    from lipdeq.configs.schema import RunConfig
-
+def _validate(data: dict[str, Any], origin: Mapping[str, str], what: str, hint: str | None = None) -> RunConfig:
+    """RunConfig.model_validate with one line per error; ``hint`` is added when a key is missing."""
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        lines = [_error_message(err, origin) for err in exc.errors(include_url=False)]
+        errors = exc.errors(include_url=False)
+        lines = [_error_message(err, origin) for err in errors]
+        if hint is not None and any(err["type"] == "missing" for err in errors):
+            lines.append(hint)
         raise ConfigError(f"invalid configuration from {what}:\n  " + "\n  ".join(lines)) from None
 
 
@@ -347,9 +276,13 @@ def load_config(preset_or_path: str | os.PathLike[str], overrides: Sequence[str]
 
     A user file may say ``base: <preset>`` (or a path relative to it) to start from that preset and
     deep-merge its own keys on top. Override values are parsed as YAML (``train.lr=0.01``,
-    ``model.channels=[16,16]``, ``train.max_steps=null``). ``preset`` records the preset the
-    configuration started from. Raises :class:`ConfigError` naming the key and where the bad
-    value came from.
+    ``model.channels=[16,16]``, ``train.max_steps=null``). Raises :class:`ConfigError` naming the
+    key and where the bad value came from.
+
+    ``preset`` records the preset the configuration started from: set from the preset or ``base:``
+    it was loaded from, or kept as written when the file states it (as a run's ``config.yaml``
+    does). It is a record only, never a starting point: a file with ``preset: X`` and no ``base:``
+    must be complete, so a dumped configuration loads back exactly as it was.
     """
     if isinstance(overrides, str):
         raise ConfigError(
@@ -369,23 +302,45 @@ def load_config(preset_or_path: str | os.PathLike[str], overrides: Sequence[str]
         raise ConfigError(
             f"unknown preset {text!r} (and no such file); valid presets: {', '.join(list_presets())}"
         )
+    hint = None
     if "preset" not in data:
         data["preset"] = preset
+    elif preset is None:
+        hint = f"('preset' only records where a configuration came from; to start from one write '{_BASE_KEY}: NAME')"
     for item in overrides:
         parts, value = parse_override(item)
         data = _apply_override(data, parts, value, f"override {item!r}", origin)
     if overrides:
         what += " with overrides " + " ".join(overrides)
-    return _validate(data, origin, what)
+    return _validate(data, origin, what, hint)
+
+
+# Keys that earlier versions wrote into stored configurations but never read (issue 9): dropping them
+# from a checkpoint's configuration changes nothing. User files still get an error for them.
+RETIRED_KEYS = frozenset({"data.synthetic_train_size", "data.synthetic_test_size"})
+
+
+def drop_retired_keys(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of the nested mapping ``data`` without the :data:`RETIRED_KEYS`."""
+    out = dict(data)
+    for dotted in RETIRED_KEYS:
+        section, _, key = dotted.partition(".")
+        if isinstance(out.get(section), Mapping) and key in out[section]:
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
 
 
 def config_from_dict(
     data: Mapping[str, Any], overrides: Sequence[str] = (), *, what: str = "configuration"
 ) -> RunConfig:
     """Validate a configuration mapping (e.g. the one stored in a checkpoint) after applying
-    ``key.sub=value`` overrides, with the same strict checks and messages as :func:`load_config`."""
+    ``key.sub=value`` overrides, with the same strict checks and messages as :func:`load_config`.
+
+    Stored configurations may hold :data:`RETIRED_KEYS` (never read by any version); they are
+    dropped first, so checkpoints of earlier versions still load.
+    """
     origin: dict[str, str] = {}
-    merged = _deep_merge({}, data, what, origin)
+    merged = _deep_merge({}, drop_retired_keys(data), what, origin)
     for item in overrides:
         parts, value = parse_override(item)
         merged = _apply_override(merged, parts, value, f"override {item!r}", origin)

@@ -18,7 +18,11 @@ _STRICT = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=Fal
 
 
 class DataConfig(BaseModel):
-    """Where the images come from and how they are sampled and augmented."""
+    """Where the images come from and how they are sampled and augmented.
+
+    ``train_subset`` / ``test_subset`` take the first N images of a split; for ``synthetic`` they
+    are its size (default 10,000 train / 2,000 test, ``lipdeq.data.SYNTHETIC_DEFAULT_SIZES``).
+    """
 
     model_config = _STRICT
 
@@ -27,8 +31,6 @@ class DataConfig(BaseModel):
     train_subset: int | None = Field(None, ge=1)
     test_subset: int | None = Field(None, ge=1)
     augment: bool = False
-    synthetic_train_size: int = Field(10000, ge=1)
-    synthetic_test_size: int = Field(2000, ge=1)
 
 
 class TrainConfig(BaseModel):

@@ -15,7 +15,6 @@ from torch import Tensor
 from lipdeq.data.cifar10 import (
     CIFAR10_CLASSES,
     DATA_DIR_ENV,
-    LOCAL_COPY_SHA256,
     load_cifar10,
     locate_batches_dir,
     resolve_data_dir,
@@ -37,7 +36,6 @@ __all__ = [
     "DATA_DIR_ENV",
     "DATASETS",
     "DataError",
-    "LOCAL_COPY_SHA256",
     "SYNTHETIC_CLASSES",
     "SYNTHETIC_DEFAULT_SIZES",
     "derive_seed",
@@ -78,14 +76,7 @@ def load_dataset(
         n = SYNTHETIC_DEFAULT_SIZES[split] if subset is None else subset
         images, labels = make_synthetic(n, split, seed=seed)
     elif name == "cifar10":
-        root = resolve_data_dir(None if data_dir is None else str(data_dir))
-        if root is None:
-            raise DataError(
-                "dataset 'cifar10' needs its data directory: pass --data-dir DIR (data_dir=...) or set "
-                f"{DATA_DIR_ENV}=DIR, where DIR holds cifar-10-batches-py; to fetch it run "
-                "`lipdeq data download cifar10 --dest DIR`, or use the embedded dataset 'synthetic'"
-            )
-        images, labels = load_cifar10(root, split, subset)
+        images, labels = load_cifar10(resolve_data_dir(data_dir, required=True), split, subset)
     else:
         raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
     validate_arrays(images, labels, what=f"dataset {name!r} split {split!r}")

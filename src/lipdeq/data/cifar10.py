@@ -8,12 +8,13 @@ import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Literal, overload
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from lipdeq.checks import check_int
 from lipdeq.data.errors import DataError, validate_arrays
 from lipdeq.data.safe_pickle import restricted_load
 
@@ -21,7 +22,6 @@ __all__ = [
     "BATCH_DIR_NAME",
     "CIFAR10_CLASSES",
     "DATA_DIR_ENV",
-    "LOCAL_COPY_SHA256",
     "ROWS_PER_BATCH",
     "TEST_FILES",
     "TRAIN_FILES",
@@ -39,31 +39,33 @@ TEST_FILES = ("test_batch",)
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )
-# sha256 of the lossy JPEG-derived copy under ../shared/data (see CIFAR10_SOURCE.md). The official
-# archive's files hash differently, so these are only checked when passed explicitly as ``sha256``.
-LOCAL_COPY_SHA256: dict[str, str] = {
-    "batches.meta": "b8ed9534b4f8a6fa6f9b80e62eeb4cb1e6855f9375651f9599e50d984e694c08",
-    "data_batch_1": "7d18ac28e9e9e0608262a2e2384a476df264c3330b6276fdf542cb1a6ecdeee0",
-    "data_batch_2": "2391c00abe6c0b62d6af10d5511708d74fc8e479817a2786e4027fe98dc87c36",
-    "data_batch_3": "8345110ece42a5920f9b760c34b79d110395a73ed27883800c55a4a2c41592c9",
-    "data_batch_4": "923942b4470eb496b079aa1c54868df51ae48316234d395889d2086eef98a312",
-    "data_batch_5": "1cc34303442eec9c0555ac28ec166e0574215d15d5535e01cb3b980ff02cc53a",
-    "test_batch": "383f6718f0b254ab79c82c2e6c494ab0e2d06b7904ed26702b8971d34ab5447c",
-}
-
 _HOW_TO_GET = (
     "get the data with `lipdeq data download cifar10 --dest DIR` (or copy an extracted "
     f"{BATCH_DIR_NAME} folder there by hand), then pass --data-dir DIR or set {DATA_DIR_ENV}=DIR"
 )
 
 
-def resolve_data_dir(explicit: str | os.PathLike[str] | None) -> Path | None:
-    """Return the data directory: ``explicit`` if given, else ``$LIPDEQ_DATA_DIR`` if set, else None."""
+@overload
+def resolve_data_dir(explicit: str | os.PathLike[str] | None, *, required: Literal[True]) -> Path: ...
+@overload
+def resolve_data_dir(explicit: str | os.PathLike[str] | None, *, required: bool = False) -> Path | None: ...
+def resolve_data_dir(explicit: str | os.PathLike[str] | None, *, required: bool = False) -> Path | None:
+    """The data directory: ``explicit`` (``--data-dir``) if given, else ``$LIPDEQ_DATA_DIR`` if set.
+
+    These two are the only places the library looks. With neither, return None, or with
+    ``required=True`` raise :class:`DataError` saying how to provide the data.
+    """
     if explicit is not None and str(explicit) != "":
         return Path(explicit).expanduser()
     env = os.environ.get(DATA_DIR_ENV, "")
     if env:
         return Path(env).expanduser()
+    if required:
+        raise DataError(
+            "dataset 'cifar10' needs its data directory: pass --data-dir DIR (data_dir=...) or set "
+            f"{DATA_DIR_ENV}=DIR, where DIR holds {BATCH_DIR_NAME}; to fetch it run "
+            "`lipdeq data download cifar10 --dest DIR`, or use the embedded dataset 'synthetic'"
+        )
     return None
 
 
@@ -99,6 +101,9 @@ def _sha256(path: Path) -> str:
 def _read_batch(path: Path, expected_sha256: str | None) -> tuple[np.ndarray, np.ndarray]:
     """Read and validate one batch file; returns (data uint8 (10000, 3072), labels int64 (10000,))."""
     what = str(path)
+    if path.exists() and not path.is_file():  # a directory or a device: "missing" would send the user astray
+        raise DataError(f"CIFAR-10 batch file {what!r} is not a regular file (a directory, device or "
+                        f"socket); replace it with the batch file; {_HOW_TO_GET}")
     if not path.is_file():
         raise DataError(f"CIFAR-10 batch file {what!r} is missing; {_HOW_TO_GET}")
     if expected_sha256 is not None:
@@ -156,16 +161,18 @@ def load_cifar10(
     """Load CIFAR-10 as (images uint8 (N, 3, 32, 32), labels int64 (N,)) in the original order.
 
     ``data_dir`` is the ``cifar-10-batches-py`` folder or its parent. ``subset`` keeps the first
-    ``subset`` images and reads only the batch files needed. ``sha256`` (file name -> hex digest,
-    e.g. :data:`LOCAL_COPY_SHA256`) verifies the files read. Problems raise :class:`DataError`.
+    ``subset`` images and reads only the batch files needed. ``sha256`` (file name -> hex digest)
+    verifies the files read. Problems with the files, and a ``subset`` larger than the split,
+    raise :class:`DataError`.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     files = TRAIN_FILES if split == "train" else TEST_FILES
     total = ROWS_PER_BATCH * len(files)
     if subset is not None:
-        if isinstance(subset, bool) or not isinstance(subset, int) or not 1 <= subset <= total:
-            raise ValueError(f"subset must be an int in 1..{total} for split {split!r}, got {subset!r}")
+        check_int("subset", subset, minimum=1)
+        if subset > total:  # usually a configuration (data.*_subset) asking for more than exists
+            raise DataError(f"subset must be <= {total} (the CIFAR-10 {split} split), got {subset}")
     n = total if subset is None else subset
     folder = locate_batches_dir(data_dir)
     datas: list[np.ndarray] = []

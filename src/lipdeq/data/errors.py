@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lipdeq.errors import LipdeqError
+
 __all__ = ["NUM_CLASSES", "IMAGE_SHAPE", "DataError", "validate_arrays"]
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (3, 32, 32)
 
 
-class DataError(ValueError):
+class DataError(LipdeqError, ValueError):
     """A dataset is missing, unreadable, corrupt or malformed; the message names the file or array."""
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterator, Mapping
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from lipdeq.checks import check_int
+from lipdeq.data.errors import DataError
 from lipdeq.data.transforms import random_crop_flip, to_float_normalized
 
 __all__ = ["BatchIterator", "derive_seed"]
@@ -19,12 +20,6 @@ def derive_seed(*parts: int | str) -> int:
     """Hash a tuple of ints/strings to a 63-bit seed (independent streams for distinct tuples)."""
     text = "\x1f".join(f"{type(p).__name__}:{p}" for p in parts)
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 class BatchIterator:
@@ -72,13 +67,10 @@ class BatchIterator:
             raise ValueError(f"{images_uint8.shape[0]} images but {labels.shape[0]} labels")
         if images_uint8.shape[0] == 0:
             raise ValueError("images_uint8 is empty")
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.world_size = _check_int("world_size", world_size, 1)
-        self.rank = _check_int("rank", rank, 0)
-        if self.rank >= self.world_size:
-            raise ValueError(f"rank must be in 0..{self.world_size - 1}, got {rank}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.world_size = check_int("world_size", world_size, minimum=1)
+        self.rank = check_int("rank", rank, minimum=0, maximum=self.world_size - 1)
+        check_int("seed", seed)
         self.images = images_uint8.cpu()
         self.labels = labels.cpu()
         self.shuffle = bool(shuffle)
@@ -87,7 +79,8 @@ class BatchIterator:
         self.drop_last = bool(drop_last)
         self.num_samples = math.ceil(self.images.shape[0] / self.world_size)
         if self.drop_last and self.num_samples < self.batch_size:
-            raise ValueError(
+            # Reached from a configuration (a batch larger than the data subset): the user's to fix.
+            raise DataError(
                 f"drop_last with batch_size={batch_size} leaves no batch: each of the {world_size} rank(s) "
                 f"gets only {self.num_samples} samples"
             )
@@ -107,7 +100,7 @@ class BatchIterator:
 
     def set_epoch(self, epoch: int) -> None:
         """Move to ``epoch`` at batch 0; a call with the current epoch keeps the position (resume-safe)."""
-        _check_int("epoch", epoch, 0)
+        check_int("epoch", epoch, minimum=0)
         if epoch != self._epoch:
             self._epoch = epoch
             self._batch = 0
@@ -122,8 +115,8 @@ class BatchIterator:
             raise ValueError(
                 f"state must have exactly the keys epoch and batch_in_epoch, got {sorted(state)}"
             )
-        epoch = _check_int("state['epoch']", state["epoch"], 0)
-        batch = _check_int("state['batch_in_epoch']", state["batch_in_epoch"], 0)
+        epoch = check_int("state['epoch']", state["epoch"], minimum=0)
+        batch = check_int("state['batch_in_epoch']", state["batch_in_epoch"], minimum=0)
         if batch > len(self):
             raise ValueError(f"state['batch_in_epoch']={batch} exceeds the {len(self)} batches per epoch")
         self._epoch, self._batch = epoch, batch

@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lipdeq.checks import check_int
 from lipdeq.data.loader import derive_seed
 
 __all__ = ["SYNTHETIC_CLASSES", "make_synthetic"]
@@ -149,12 +150,10 @@ def make_synthetic(n: int, split: Literal["train", "test"], seed: int = 0) -> tu
 
     Deterministic in ``(n, split, seed)``; the first ``n`` images do not depend on how many follow.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_int("n", n, minimum=1)
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    check_int("seed", seed)
     images = torch.empty(n, 3, _SIZE, _SIZE, dtype=torch.uint8)
     labels = torch.empty(n, dtype=torch.int64)
     for i in range(math.ceil(n / _CHUNK)):

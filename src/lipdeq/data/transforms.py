@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lipdeq.checks import check_int
+
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "to_float_normalized", "random_crop_flip"]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -40,8 +42,7 @@ def random_crop_flip(batch: Tensor, padding: int = 4, generator: torch.Generator
         raise TypeError(f"batch must be a torch.Tensor, got {type(batch).__name__}")
     if batch.dim() != 4:
         raise ValueError(f"batch must have shape (B, C, H, W), got {tuple(batch.shape)}")
-    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"padding must be a non-negative int, got {padding!r}")
+    check_int("padding", padding, minimum=0)
     b, _, h, w = batch.shape
     gdev = generator.device if generator is not None else torch.device("cpu")
     top = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=gdev).to(batch.device)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
+
+from lipdeq.checks import check_real
 
 __all__ = ["ScaledReLU"]
 
@@ -15,9 +15,7 @@ class ScaledReLU(nn.Module):
 
     def __init__(self, slope: float) -> None:
         super().__init__()
-        if isinstance(slope, bool) or not isinstance(slope, (int, float)) or not math.isfinite(slope):
-            raise ValueError(f"slope must be a finite number, got {slope!r}")
-        self.slope = float(slope)
+        self.slope = check_real("slope", slope)
 
     def forward(self, x: Tensor) -> Tensor:
         """Return ``slope * relu(x)``."""

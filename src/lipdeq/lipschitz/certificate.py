@@ -1,4 +1,4 @@
-"""Lipschitz certificates: the result type and the bound arithmetic of DESIGN section 2."""
+"""Lipschitz certificates: the result type and the bound arithmetic of docs/MATH.md sections 3 and 4."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def _nonneg(name: str, value: float) -> float:
 def residual_block_bound(s: float, alpha: float, gn: float, conv1: float, conv2: float) -> float:
     """Bound of the residual block ``b = N3(s relu((1-a) z + a N2(C2 s relu(N1(C1 z)) + u)))``.
 
-    ``gn * s * (|1 - alpha| + |alpha| * gn^2 * s * conv1 * conv2)`` (DESIGN section 2; equal to
+    ``gn * s * (|1 - alpha| + |alpha| * gn^2 * s * conv1 * conv2)`` (docs/MATH.md section 4.1; equal to
     ``gn*s*((1-alpha) + alpha*gn^2*s*conv1*conv2)`` for alpha in [0, 1]). ``gn`` bounds each of the
     three norms, ``conv1``/``conv2`` the two convolutions' operator norms, ``s`` the ReLU slope.
     """

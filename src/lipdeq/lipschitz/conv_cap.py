@@ -3,29 +3,21 @@
 ``OperatorNormCap`` is registered on ``conv.weight`` with ``torch.nn.utils.parametrize``, after any
 existing parametrisation (typically ``torch.nn.utils.parametrizations.weight_norm``), so the forward
 uses ``cap(weight_norm(g, v))``: the cap constrains the effective weight, and no optimizer step on
-g or v can undo it (DESIGN pitfall 1). Like ``torch.nn.utils.parametrizations.spectral_norm`` it
-keeps a persistent power-iteration vector, advances it a few steps per forward in training mode
+g or v can undo it (docs/MATH.md section 6). Like ``torch.nn.utils.parametrizations.spectral_norm``
+it keeps a persistent power-iteration state, advances it a few steps per forward in training mode
 (under ``no_grad``), estimates the norm sigma with gradient and returns ``W / max(1, sigma / cap)``.
 Unlike it, sigma is the norm of the convolution OPERATOR for the real input shape, not of the
-reshaped kernel matrix (pitfall 2).
+reshaped kernel matrix, which is no bound of it (docs/MATH.md section 5.4).
 
-Three ways to compute sigma (``operator=``); all cap an operator whose norm is >= the real one's:
-
-* ``"fft"`` (default): the circular convolution on the grid ``N = n + 2p`` (rounded up to a
-  multiple of the stride) whose exact norm is the FFT certificate
-  :func:`lipdeq.lipschitz.conv_operator_norm`; it is block-diagonal in the Fourier domain, so the
-  power iteration runs independently on every (polyphase) DFT block with one persistent vector
-  per frequency, and sigma is the max over frequencies. Each block is a small c_out x (s^2 c_in)
-  matrix with a usually clear spectral gap, so a few steps give sigma to ~1e-6 even after large
-  weight changes, and the capped weight's certificate is the cap.
-* ``"circular"``: the same circular operator, power iteration with ``F.conv2d`` /
-  ``F.conv_transpose2d`` on one grid-shaped vector. Converges slowly after large weight changes,
-  because the singular values of neighbouring frequencies are close (measured: 10 steps per
-  Adam step at lr 0.1 left 20% violations; 400 steps still up to 1.4%).
-* ``"zero_padded"``: power iteration with ``F.conv2d`` / ``F.conv_transpose2d`` on the real
-  zero-padded operator and input shape. Least restrictive, same slow convergence, and the FFT
-  certificate of a capped weight can exceed the cap (by about 2.5% on 8x8 inputs and 0.7% on
-  16x16 for random 3x3 kernels, more on 4x4 inputs).
+The operator whose norm is capped is the circular convolution on the grid ``N = n + 2p`` (rounded up
+to a multiple of the stride) whose exact norm is the FFT certificate
+:func:`lipdeq.lipschitz.conv_operator_norm` (docs/MATH.md section 5). It is block-diagonal in the
+Fourier domain, so the power iteration runs independently on every (polyphase) DFT block, with one
+persistent vector per frequency, and sigma is the max over frequencies. Each block is a small
+c_out x (s^2 c_in) matrix with a usually clear spectral gap, so a few steps give sigma to ~1e-6 even
+after large weight changes, and the capped weight's certificate is the cap. (A power iteration with
+``F.conv2d`` / ``F.conv_transpose2d`` on one grid-shaped vector converges slowly, because the
+singular values of neighbouring frequencies are close; the tests keep it as a reference.)
 
 Wrap a DEQ forward in ``torch.nn.utils.parametrize.cached()`` so the cap (and its power iteration)
 runs once per forward, not once per solver iteration.
@@ -39,11 +31,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lipdeq.checks import check_int, check_real
 from lipdeq.lipschitz.operator_norm import (
     _effective_kernel,
     _pair,
     circular_grid_size,
-    conv_adjoint,
     conv_apply,
     conv_padding,
     polyphase_blocks_freq_last,
@@ -52,20 +44,17 @@ from lipdeq.lipschitz.operator_norm import (
 
 __all__ = ["OperatorNormCap", "apply_operator_norm_cap", "effective_weight", "find_operator_norm_cap"]
 
-_OPERATORS = ("fft", "circular", "zero_padded")
-
 
 class OperatorNormCap(nn.Module):
-    """Parametrisation ``W -> W / max(1, sigma(W) / max_norm)``, sigma = power-iteration operator norm.
+    """Parametrisation ``W -> W / max(1, sigma(W) / max_norm)``, sigma = per-frequency power iteration.
 
     The geometry (input size, channels, kernel, stride, padding, dilation, groups) is that of the
-    convolution it is registered on. The buffer ``v`` (shape (1, c_in, H', W'): the input shape for
-    ``"zero_padded"``, the circular grid for ``"circular"``; one complex c_in-vector per coarse DFT
-    frequency, stored as real (groups, s_h*s_w*c_in/groups, M_h, M_w // 2 + 1, 2), for ``"fft"``) is
-    saved in the state dict and moves with ``.to()``. In training mode each call runs
-    ``n_power_iterations`` steps of ``v <- C^T C v / ||C^T C v||`` on the detached weight; in eval
-    mode the stored ``v`` is reused.
-    sigma = ``||C(W) v||`` (= ``<u, C(W) v>`` with ``u = C v / ||C v||``) is differentiable in W.
+    convolution it is registered on. The buffer ``v`` holds one complex c_in-vector per coarse DFT
+    frequency, stored as real (groups, s_h*s_w*c_in/groups, M_h, M_w // 2 + 1, 2); it is saved in
+    the state dict and moves with ``.to()``. In training mode each call runs ``n_power_iterations``
+    steps of ``v <- B^H B v / ||B^H B v||`` on every DFT block B of the detached weight; in eval
+    mode the stored ``v`` is reused. sigma = ``max_nu ||B(nu) v(nu)|| / sqrt(s_h s_w)`` is
+    differentiable in W.
     """
 
     v: Tensor
@@ -82,7 +71,6 @@ class OperatorNormCap(nn.Module):
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         n_power_iterations: int = 1,
-        operator: str = "fft",
         eps: float = 1e-12,
         *,
         device: torch.device | str | None = None,
@@ -90,50 +78,28 @@ class OperatorNormCap(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(max_norm, (int, float)) or not max_norm > 0 or max_norm == float("inf"):
-            raise ValueError(f"max_norm must be a finite positive number, got {max_norm!r}")
-        if not isinstance(n_power_iterations, int) or n_power_iterations < 0:
-            raise ValueError(f"n_power_iterations must be a non-negative int, got {n_power_iterations!r}")
-        if operator not in _OPERATORS:
-            raise ValueError(f"operator must be one of {_OPERATORS}, got {operator!r}")
-        if not isinstance(in_channels, int) or in_channels < 1:
-            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
-        self.max_norm = float(max_norm)
+        self.max_norm = check_real("max_norm", max_norm, above=0.0)
+        self.n_power_iterations = check_int("n_power_iterations", n_power_iterations, minimum=0)
+        check_int("in_channels", in_channels, minimum=1)
         self.input_size = _pair(input_size, "input_size", 1)
         self.kernel_size = _pair(kernel_size, "kernel_size", 1)
         self.stride = _pair(stride, "stride", 1)
         self.padding = _pair(padding, "padding", 0)
         self.dilation = _pair(dilation, "dilation", 1)
-        self.groups = int(groups)
-        self.n_power_iterations = n_power_iterations
-        self.operator = operator
+        self.groups = check_int("groups", groups, minimum=1)
         self.eps = float(eps)
-        k_eff = tuple(_effective_kernel(self.kernel_size[i], self.dilation[i]) for i in range(2))
-        if operator in ("circular", "fft"):
-            grid = tuple(
-                circular_grid_size(self.input_size[i], k_eff[i], self.padding[i], self.stride[i])
-                for i in range(2)
-            )
-        else:
-            for i in range(2):
-                if self.input_size[i] + 2 * self.padding[i] < k_eff[i]:
-                    raise ValueError(f"kernel {k_eff} larger than the padded input {self.input_size}")
-            grid = self.input_size
-        self.grid_size: tuple[int, int] = (int(grid[0]), int(grid[1]))
         if in_channels % self.groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels}")
+        k_eff = tuple(_effective_kernel(self.kernel_size[i], self.dilation[i]) for i in range(2))
+        grid = [circular_grid_size(self.input_size[i], k_eff[i], self.padding[i], self.stride[i]) for i in range(2)]
+        self.grid_size: tuple[int, int] = (grid[0], grid[1])
+        self.dft_grid = polyphase_grid(k_eff, self.grid_size, self.stride)
+        m_h, m_w = self.dft_grid[0] // self.stride[0], self.dft_grid[1] // self.stride[1]
+        ci_poly = self.stride[0] * self.stride[1] * in_channels // self.groups
+        shape = (self.groups, ci_poly, m_h, m_w // 2 + 1, 2)
         gen_dev = generator.device if generator is not None else device
-        if operator == "fft":
-            self.dft_grid = polyphase_grid(k_eff, self.grid_size, self.stride)
-            m_h, m_w = self.dft_grid[0] // self.stride[0], self.dft_grid[1] // self.stride[1]
-            ci_poly = self.stride[0] * self.stride[1] * in_channels // self.groups
-            shape = (self.groups, ci_poly, m_h, m_w // 2 + 1, 2)
-            v = torch.randn(shape, generator=generator, dtype=dtype or torch.float32, device=gen_dev)
-            v = v / v.square().sum(dim=(1, -1), keepdim=True).sqrt().clamp_min(eps)
-        else:
-            v = torch.randn(1, in_channels, *self.grid_size, generator=generator,
-                            dtype=dtype or torch.float32, device=gen_dev)
-            v = v / v.norm().clamp_min(eps)
+        v = torch.randn(shape, generator=generator, dtype=dtype or torch.float32, device=gen_dev)
+        v = v / v.square().sum(dim=(1, -1), keepdim=True).sqrt().clamp_min(eps)
         self.register_buffer("v", v if device is None else v.to(device))
         self.register_buffer("last_sigma", torch.zeros((), dtype=dtype or torch.float32, device=device),
                              persistent=False)
@@ -146,7 +112,6 @@ class OperatorNormCap(nn.Module):
         max_norm: float,
         input_size: int | tuple[int, int],
         n_power_iterations: int = 1,
-        operator: str = "fft",
         generator: torch.Generator | None = None,
     ) -> OperatorNormCap:
         """Build a cap with the geometry, device and dtype of ``conv`` (zero padding only)."""
@@ -157,17 +122,9 @@ class OperatorNormCap(nn.Module):
         w = conv.weight
         return cls(
             max_norm, input_size, conv.in_channels, conv.kernel_size, conv.stride, conv_padding(conv),
-            conv.dilation, conv.groups, n_power_iterations, operator,
+            conv.dilation, conv.groups, n_power_iterations,
             device=w.device, dtype=w.dtype, generator=generator,
         )
-
-    def _apply_op(self, x: Tensor, weight: Tensor) -> Tensor:
-        return conv_apply(x, weight, self.stride, self.padding, self.dilation, self.groups,
-                          self.operator == "circular")
-
-    def _adjoint(self, y: Tensor, weight: Tensor) -> Tensor:
-        return conv_adjoint(y, weight, self.grid_size, self.stride, self.padding, self.dilation, self.groups,
-                            self.operator == "circular")
 
     def _blocks(self, weight: Tensor) -> Tensor:
         """DFT blocks (G, co_g, P, M_h, L_w), frequencies last, of the detached weight."""
@@ -223,62 +180,33 @@ class OperatorNormCap(nn.Module):
 
     @torch.no_grad()
     def power_step(self, weight: Tensor, n_steps: int = 1, blocks: Tensor | None = None) -> None:
-        """Advance the stored vector(s) by ``n_steps`` power-iteration steps on ``weight`` (no grad).
+        """Advance the stored vectors by ``n_steps`` power-iteration steps on ``weight`` (no grad).
 
-        ``blocks``: the ``"fft"`` mode's DFT blocks of ``weight`` if already computed.
+        ``blocks``: the DFT blocks of ``weight`` if already computed.
         """
         w = weight.detach()
-        if self.operator == "fft":
-            blocks = self._blocks(w) if blocks is None else blocks
-            v = self._v_complex(w.dtype)
-            for _ in range(n_steps):
-                y = (blocks * v[:, None]).sum(dim=2)  # (G, co_g, M_h, L_w)
-                z = (blocks.conj() * y[:, :, None]).sum(dim=1)  # (G, P, M_h, L_w)
-                nrm = z.abs().square().sum(dim=1, keepdim=True).sqrt()
-                ok = torch.isfinite(nrm) & (nrm > self.eps)  # a zero block keeps its current direction
-                v = torch.where(ok, z / nrm.clamp_min(self.eps), v)
-            self.v.copy_(torch.view_as_real(v))
-            self.n_updates += 1
-            return
-        v = self.v.to(w.dtype)
+        blocks = self._blocks(w) if blocks is None else blocks
+        v = self._v_complex(w.dtype)
         for _ in range(n_steps):
-            z = self._adjoint(self._apply_op(v, w), w)
-            nrm = z.norm()
-            if not torch.isfinite(nrm) or nrm <= self.eps:
-                break  # zero (or non-finite) weight: keep the current direction
-            v = z / nrm
-        self.v.copy_(v)
+            y = (blocks * v[:, None]).sum(dim=2)  # (G, co_g, M_h, L_w)
+            z = (blocks.conj() * y[:, :, None]).sum(dim=1)  # (G, P, M_h, L_w)
+            nrm = z.abs().square().sum(dim=1, keepdim=True).sqrt()
+            ok = torch.isfinite(nrm) & (nrm > self.eps)  # a zero block keeps its current direction
+            v = torch.where(ok, z / nrm.clamp_min(self.eps), v)
+        self.v.copy_(torch.view_as_real(v))
         self.n_updates += 1
 
     @torch.no_grad()
-    def warm_up(self, weight: Tensor, max_iterations: int = 500, tol: float = 1e-7) -> float:
-        """Initialise the vector(s) for ``weight`` and return sigma.
+    def warm_up(self, weight: Tensor) -> float:
+        """Set the vectors to the exact top right singular vector of every DFT block; return sigma.
 
-        ``"fft"``: the exact top right singular vector of every DFT block (eigenvectors of the
-        smaller Gram matrix): exact up to rounding, no iterations. Other modes: power iteration in rounds of
-        10 steps until sigma changes by less than ``tol`` (relative) between rounds, at most
-        ``max_iterations`` steps.
+        Exact up to rounding (eigenvectors of the smaller Gram matrix of each block), no iterations.
         """
         w = weight.detach()
-        blocks = None
-        if self.operator == "fft":
-            blocks = self._blocks(w)
-            self._exact_init(blocks)
-            self.n_updates = 0
-            return float(self.sigma(w, blocks))
-        prev = 0.0
-        sigma = 0.0
-        done = 0
-        while done < max_iterations:
-            steps = min(10, max_iterations - done)
-            self.power_step(w, steps, blocks)
-            done += steps
-            sigma = float(self.sigma(w, blocks))
-            if abs(sigma - prev) <= tol * max(sigma, self.eps):
-                break
-            prev = sigma
+        blocks = self._blocks(w)
+        self._exact_init(blocks)
         self.n_updates = 0
-        return sigma
+        return float(self.sigma(w, blocks))
 
     @torch.no_grad()
     def _exact_init(self, blocks: Tensor) -> None:
@@ -296,22 +224,18 @@ class OperatorNormCap(nn.Module):
         self.v.copy_(torch.view_as_real(v.permute(0, 3, 1, 2)))
 
     def sigma(self, weight: Tensor, blocks: Tensor | None = None) -> Tensor:
-        """Current estimate ``||C(W) v|| / ||v||`` (a lower bound of the capped operator's norm),
-        differentiable in ``weight``; ``blocks``: precomputed DFT blocks (``"fft"`` mode)."""
+        """Current estimate ``max_nu ||B(nu) v(nu)|| / sqrt(s_h s_w)`` (a lower bound of the capped
+        operator's norm), differentiable in ``weight``; ``blocks``: precomputed DFT blocks."""
         v = self.v.clone() if self.training else self.v
-        if self.operator == "fft":
-            if blocks is None:
-                with torch.no_grad():
-                    blocks = self._blocks(weight)
-            return self._fft_sigma(weight, torch.view_as_complex(v.to(weight.dtype).contiguous()), blocks)
-        return self._apply_op(v.to(weight.dtype), weight).square().sum().clamp_min(self.eps**2).sqrt()
+        if blocks is None:
+            with torch.no_grad():
+                blocks = self._blocks(weight)
+        return self._fft_sigma(weight, torch.view_as_complex(v.to(weight.dtype).contiguous()), blocks)
 
     def forward(self, weight: Tensor) -> Tensor:
         """Return ``weight / max(1, sigma / max_norm)``, advancing the power iteration in training mode."""
-        blocks = None
-        if self.operator == "fft":
-            with torch.no_grad():
-                blocks = self._blocks(weight)
+        with torch.no_grad():
+            blocks = self._blocks(weight)
         if self.training and self.n_power_iterations > 0:
             self.power_step(weight, self.n_power_iterations, blocks)
         sigma = self.sigma(weight, blocks)
@@ -321,9 +245,8 @@ class OperatorNormCap(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"max_norm={self.max_norm}, operator={self.operator!r}, input_size={self.input_size}, "
-            f"grid_size={self.grid_size}, stride={self.stride}, padding={self.padding}, "
-            f"n_power_iterations={self.n_power_iterations}"
+            f"max_norm={self.max_norm}, input_size={self.input_size}, grid_size={self.grid_size}, "
+            f"stride={self.stride}, padding={self.padding}, n_power_iterations={self.n_power_iterations}"
         )
 
 
@@ -343,24 +266,21 @@ def apply_operator_norm_cap(
     input_size: tuple[int, int],
     n_power_iterations: int = 1,
     *,
-    operator: str = "fft",
-    warmup_iterations: int = 500,
-    warmup_tol: float = 1e-7,
     generator: torch.Generator | None = None,
 ) -> nn.Conv2d:
     """Register an :class:`OperatorNormCap` on ``conv.weight`` (after existing parametrisations).
 
-    The power-iteration vector is first warmed up on the current effective weight (up to
-    ``warmup_iterations`` steps, until sigma is stable to ``warmup_tol`` relative) so the cap is
-    accurate from the first forward. Returns ``conv``. Raises if a cap is already registered.
+    The vectors are first set to the exact top singular vectors of the current effective weight's
+    DFT blocks (:meth:`OperatorNormCap.warm_up`), so the cap is exact from the first forward.
+    Returns ``conv``. Raises if a cap is already registered.
     """
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
     if find_operator_norm_cap(conv) is not None:
         raise ValueError("conv.weight already has an OperatorNormCap")
-    cap = OperatorNormCap.from_conv(conv, max_norm, input_size, n_power_iterations, operator, generator)
+    cap = OperatorNormCap.from_conv(conv, max_norm, input_size, n_power_iterations, generator)
     with torch.no_grad():
-        cap.warm_up(conv.weight.detach(), warmup_iterations, warmup_tol)
+        cap.warm_up(conv.weight.detach())
     parametrize.register_parametrization(conv, "weight", cap)
     return conv
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lipdeq.checks import check_real
+
 __all__ = ["VariationalDropout2d"]
 
 
@@ -14,7 +16,7 @@ class VariationalDropout2d(nn.Module):
     A DEQ calls ``reset_mask(x)`` once per forward, then evaluates its layer many times with the
     same mask (the map stays a fixed function of z). ``rescale=True`` (MDEQ behaviour, inverted
     dropout) multiplies by ``mask / (1 - p)`` in training, which raises the training-time Lipschitz
-    constant to ``1 / (1 - p)`` (DESIGN pitfall 3); ``rescale=False`` multiplies by the plain mask in
+    constant to ``1 / (1 - p)`` (docs/MATH.md section 8); ``rescale=False`` multiplies by the plain mask in
     training and by ``(1 - p)`` in eval mode, so the expected activation matches and the map is
     never expansive.
     """
@@ -23,9 +25,7 @@ class VariationalDropout2d(nn.Module):
 
     def __init__(self, p: float, rescale: bool) -> None:
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-            raise ValueError(f"p must be in [0, 1), got {p!r}")
-        self.p = float(p)
+        self.p = check_real("p", p, above=0.0, inclusive=True, below=1.0)
         self.rescale = bool(rescale)
         self.mask = None
 

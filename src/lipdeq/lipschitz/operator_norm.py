@@ -1,4 +1,4 @@
-"""Operator norms of 2-D convolutions: FFT certificates and power-iteration estimates.
+"""Operator norms of 2-D convolutions: FFT certificates and power-iteration estimates (docs/MATH.md section 5).
 
 A zero-padded convolution (cross-correlation, as ``F.conv2d`` computes it) of a k x k kernel on an
 n x n input with padding p reads, along each spatial axis, the input coordinates ``t`` in
@@ -40,6 +40,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lipdeq.checks import check_int
 
 __all__ = [
     "circular_conv_operator_norm",
@@ -411,8 +413,7 @@ def power_iteration_conv_norm(
     the circular operator of :func:`conv_operator_norm`'s grid instead.
     """
     _check_weight(weight, groups)
-    if not isinstance(n_iter, int) or n_iter < 0:
-        raise ValueError(f"n_iter must be a non-negative int, got {n_iter!r}")
+    check_int("n_iter", n_iter, minimum=0)
     size, st, pad, dil = _resolve_geometry(weight, input_size, stride, padding, dilation)
     w = weight.detach().to(torch.float64)
     if circular:

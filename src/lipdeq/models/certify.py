@@ -1,4 +1,4 @@
-"""Certificates for the multiscale layer: the block-matrix bound of DESIGN section 2.
+"""Certificates for the multiscale layer: the block-matrix bound of docs/MATH.md section 4.
 
 Every conv's operator norm comes from the exact FFT method (a certified upper bound), every
 mean-only GroupNorm contributes its clipped ``max |gamma|``, and the per-branch bounds are
@@ -50,7 +50,10 @@ def _norm_constant(norm: nn.Module, cfg: ModelConfig, mode: Mode) -> float:
 def _conv_constant(conv: nn.Conv2d, input_size: int, cfg: ModelConfig, mode: Mode) -> float:
     if mode == "hyper":
         return math.inf if cfg.conv_cap is None else float(cfg.conv_cap)
-    return conv_operator_norm(effective_weight(conv), (input_size, input_size), stride=conv.stride[0])
+    weight = effective_weight(conv)
+    if not bool(torch.isfinite(weight).all()):
+        return math.inf  # no finite bound for a weight with NaN/Inf (and the FFT's SVD would fail on it)
+    return conv_operator_norm(weight, (input_size, input_size), stride=conv.stride[0])
 
 
 def layer_certificate(
@@ -123,5 +126,10 @@ def layer_certificate(
         reason = None
     else:
         value = math.inf
-        reason = _NO_BOUND_REASON if cfg.norm == "group" else "an unconstrained conv (conv_cap=None) has no bound"
+        if cfg.norm == "group":
+            reason = _NO_BOUND_REASON
+        elif mode == "weights" and cfg.conv_cap is not None:
+            reason = "a weight of f contains NaN or Inf"
+        else:
+            reason = "an unconstrained conv (conv_cap=None) has no bound"
     return LipschitzCertificate(value=value, parts=parts, matrix=matrix, reason=reason, mode=mode)

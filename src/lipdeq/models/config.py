@@ -35,7 +35,7 @@ class ModelConfig(BaseModel):
     weight_norm: bool = True
     dropout: float = Field(0.25, ge=0.0, lt=1.0)
     injection: Literal["auto", "conv", "none"] = "auto"
-    # --- the Lipschitz knobs (DESIGN section 2) ---
+    # --- the Lipschitz knobs (docs/MATH.md sections 2 to 4) ---
     norm: Literal["group", "mean_only"] = "group"
     mixing: Literal["sum", "convex"] = "sum"
     relu_slope: float = Field(1.0, gt=0.0)

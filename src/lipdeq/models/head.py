@@ -1,7 +1,7 @@
 """Explicit (non-equilibrium) parts of the classifier: stem, input injection, HRNet-style head.
 
 These follow the MDEQ reference code (Bai et al. 2020, MDEQ-Vision) and are never constrained:
-they do not affect convergence (DESIGN section 4, pitfall 4).
+they do not affect convergence (docs/MATH.md section 2.5).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The multiscale equilibrium layer f (MDEQ's "fullstage"): residual blocks, fusion, post-fusion.
 
 One module spans the MDEQ baseline and the Lipschitz MDEQ; the :class:`ModelConfig` fields select
-the normalisation, the ReLU slope, the mixing and the operator-norm caps (DESIGN section 2).
+the normalisation, the ReLU slope, the mixing and the operator-norm caps (docs/MATH.md section 2).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lipdeq.errors import LipdeqError
 from lipdeq.gradients import fixed_point, jacobian_frobenius_penalty
 from lipdeq.lipschitz import LipschitzCertificate
 from lipdeq.models.certify import Mode, layer_certificate
@@ -19,12 +20,12 @@ from lipdeq.models.layer import MultiscaleLayer
 from lipdeq.solvers import Solution
 
 
-class NotAContractionError(ValueError):
+class NotAContractionError(LipdeqError, ValueError):
     """Raised by a strict certificate whose bound is not below 1."""
 
 
 class MultiscaleDEQ(nn.Module):
-    """MDEQ / Lipschitz MDEQ image classifier (DESIGN sections 2, 3 and 5).
+    """MDEQ / Lipschitz MDEQ image classifier (the layer and its certificate: docs/MATH.md sections 2 to 4).
 
     ``model(x)`` returns logits. After each forward, :attr:`last_solution` holds the forward
     solver's per-sample statistics; after the backward pass its ``.backward`` field holds the
@@ -75,8 +76,20 @@ class MultiscaleDEQ(nn.Module):
             raise ValueError(
                 f"expected {cfg.image_size}x{cfg.image_size} images, got {x.shape[2]}x{x.shape[3]}"
             )
+        if x.shape[0] == 0:
+            raise ValueError(f"empty batch: images of shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"expected floating-point images, got dtype {x.dtype}")
+        weight = next(self.parameters())
+        if x.device.type == "meta":
+            raise ValueError("images on the meta device hold no data: move them to the model's device "
+                             f"({weight.device})")
+        if x.device != weight.device:
+            raise ValueError(f"images are on device {x.device} but the model is on {weight.device}: "
+                             f"use x.to({str(weight.device)!r})")
+        if x.dtype != weight.dtype:
+            raise ValueError(f"images have dtype {x.dtype} but the model's weights are {weight.dtype}: "
+                             f"use x.to({weight.dtype}) or model.to({x.dtype}) (autocast handles bf16)")
         if not torch.isfinite(x).all():
             bad = (~torch.isfinite(x)).flatten(1).any(dim=1).nonzero().flatten().tolist()
             raise ValueError(f"input images contain NaN or Inf (batch indices {bad[:10]})")
@@ -116,6 +129,13 @@ class MultiscaleDEQ(nn.Module):
         from inside a ``no_grad`` region (the forward solve, the certificate) cannot cache a weight
         that is cut off from its parameters.
         """
+        dtype = next(self.parameters()).dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            # The caps compute FFT operator norms of the weights, for which torch has no half kernels:
+            # without this check the error comes from deep inside torch.fft / view_as_complex.
+            raise ValueError(f"the model's weights are {str(dtype).removeprefix('torch.')}: lipdeq models "
+                             "compute in float32 or float64; use model.float() and torch.autocast "
+                             "(train.amp=bf16) for bfloat16 speed")
         with parametrize.cached():
             for module in self.modules():
                 if parametrize.is_parametrized(module):
@@ -171,8 +191,26 @@ class MultiscaleDEQ(nn.Module):
         return (logits, jac_loss) if return_jac_loss else logits
 
     # ------------------------------------------------------------------ certificates and stats
-    def _param_versions(self) -> tuple[int, ...]:
-        return tuple(p._version for p in self.layer.parameters())
+    def _certified_tensors(self) -> list[torch.Tensor]:
+        """Everything the weights certificate reads: f's parameters and buffers (the caps' vectors)."""
+        return [t.detach() for t in (*self.layer.parameters(), *self.layer.buffers())]
+
+    def _cache_is_current(self) -> bool:
+        """True when every certified tensor equals, bitwise, the copy taken with the cached certificate.
+
+        A content comparison, not autograd's ``_version`` counter: writes through ``.data``,
+        ``vector_to_parameters`` or ``set_`` do not bump the counter, and a certificate keyed on it
+        went stale (it reported the bound of weights four times smaller). The copy costs one
+        model's worth of f's parameters; the comparison is one pass over them, far below a forward.
+        """
+        if self._cert_cache is None:
+            return False
+        saved = self._cert_cache[0]
+        now = self._certified_tensors()
+        return len(saved) == len(now) and all(
+            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+            for a, b in zip(saved, now)
+        )
 
     def lipschitz_bound(self, *, mode: Mode = "weights", strict: bool = False) -> LipschitzCertificate:
         """Certified upper bound of Lip(f) in z (l2, eval mode) with a per-part breakdown.
@@ -182,14 +220,16 @@ class MultiscaleDEQ(nn.Module):
         ``gn_cap``). The value is infinite, with a reason, for a model without a finite bound
         (standard GroupNorm). With ``strict=True`` a bound >= 1 raises NotAContractionError.
         """
+        if mode not in ("weights", "hyper"):  # anything else used to certify the weights under its name
+            raise ValueError(f"unknown certificate mode {mode!r}: use 'weights' or 'hyper'")
         if mode == "weights":
-            key = self._param_versions()
-            if self._cert_cache is not None and self._cert_cache[0] == key:
+            if self._cache_is_current():
                 cert = self._cert_cache[1]
             else:
                 with torch.no_grad():
+                    snapshot = [t.clone() for t in self._certified_tensors()]
                     cert = layer_certificate(self.layer, mode="weights")
-                self._cert_cache = (key, cert)
+                self._cert_cache = (snapshot, cert)
         else:
             cert = layer_certificate(self.layer, mode=mode)
         if strict and not cert.value < 1.0:
@@ -201,21 +241,15 @@ class MultiscaleDEQ(nn.Module):
         return cert
 
     def solver_stats(self) -> dict[str, float]:
-        """Summary of the last forward (and backward, once run) solve: iterations, residuals,
-        statuses and certified error bounds."""
+        """Summary of the last forward (and backward, once run) solve: :meth:`Solution.summary` with
+        the prefixes ``forward`` and ``backward`` (iterations, residuals, converged fraction and
+        certified error bounds)."""
         out: dict[str, float] = {}
         fwd = self.last_solution
-        for prefix, sol in (("forward", fwd), ("backward", fwd.backward if fwd is not None else None)):
-            if sol is None:
-                continue
-            nstep = sol.nstep.double()
-            out[f"{prefix}_nstep_mean"] = float(nstep.mean())
-            out[f"{prefix}_nstep_max"] = float(nstep.max())
-            out[f"{prefix}_rel_residual_max"] = float(sol.rel_residual.max())
-            out[f"{prefix}_abs_residual_max"] = float(sol.abs_residual.max())
-            out[f"{prefix}_converged_frac"] = float(sol.converged.double().mean())
-            if sol.error_bound is not None:
-                out[f"{prefix}_error_bound_max"] = float(sol.error_bound.max())
+        if fwd is not None:
+            out.update(fwd.summary("forward"))
+            if fwd.backward is not None:
+                out.update(fwd.backward.summary("backward"))
         return out
 
     def num_parameters(self, part: str = "all") -> int:

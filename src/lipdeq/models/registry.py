@@ -1,4 +1,4 @@
-"""Model registry: ``create_model(name, **overrides)`` over the shipped YAML presets."""
+"""Model registry: ``create_model(name, **overrides)`` over the shipped presets (``lipdeq.presets``)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lipdeq.configs import list_presets, model_preset
 from lipdeq.models.config import ModelConfig
 from lipdeq.models.mdeq import MultiscaleDEQ
+from lipdeq.presets import list_presets, read_preset
 
 
 def list_models() -> list[str]:
@@ -25,11 +25,13 @@ def model_config(name: str, **overrides: Any) -> ModelConfig:
     names = list_models()
     if name not in names:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(names)}")
-    fields = {**model_preset(name), "name": name}
+    section = read_preset(name).get("model")
+    if not isinstance(section, dict):
+        raise ValueError(f"preset {name!r} has no 'model:' mapping")
     unknown = sorted(set(overrides) - set(ModelConfig.model_fields))
     if unknown:
         raise ValueError(f"unknown model option(s) {unknown} for {name!r}; known: {sorted(ModelConfig.model_fields)}")
-    fields.update(overrides)
+    fields = {**section, "name": name, **overrides}
     try:
         return ModelConfig.model_validate(fields)
     except ValidationError as err:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .result import Solution, SolverWarning, Status
+from .result import Solution, SolverWarning, Status, percentile, sample_summary, status_counts
 from .solve import METHODS, solve
 
-__all__ = ["METHODS", "Solution", "SolverWarning", "Status", "solve"]
+__all__ = ["METHODS", "Solution", "SolverWarning", "Status", "percentile", "sample_summary", "solve", "status_counts"]

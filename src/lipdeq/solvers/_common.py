@@ -9,12 +9,15 @@ finite). The driver owns everything else, so each method module only holds its u
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
-from .result import Solution, Status
+from lipdeq.checks import check_int, check_real
+
+from .result import Solution, SolverWarning, Status
 
 STOP_MODES = ("rel", "abs", "cert")
 CONVERGED, MAX_ITER = int(Status.CONVERGED), int(Status.MAX_ITER)
@@ -31,37 +34,27 @@ class Stepper(Protocol):
         """Return the next iterate (the driver masks it for stopped samples)."""
 
 
-def check_real(
-    name: str, value: object, *, above: float, inclusive: bool = False, finite: bool = True
-) -> float:
-    """Return ``value`` as a float if it is a real number ``> above`` (``>=`` if inclusive), else raise."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    if (finite and not math.isfinite(value)) or value < above or (value == above and not inclusive):
-        bound = f"{'>=' if inclusive else '>'} {above}" + (" and finite" if finite else "")
-        raise ValueError(f"{name} must be {bound}, got {value!r}")
-    return float(value)
-
-
-def check_int(name: str, value: object, minimum: int) -> int:
-    """Return ``value`` if it is an int ``>= minimum``; TypeError for non-ints, ValueError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def check_z0(z0: object) -> torch.Tensor:
     """Validate the initial state and return it as a detached ``(B, D)`` view (never written to)."""
     if not isinstance(z0, torch.Tensor):
         raise TypeError(f"z0 must be a torch.Tensor of shape (B, ...), got {type(z0).__name__}")
     if z0.dim() == 0:
         raise ValueError("z0 must have a batch dimension: shape (B, ...), got a 0-dim tensor")
+    if z0.dim() == 1:
+        # A 1-D state would be read as B independent scalars: per-sample stopping would freeze entries
+        # that f couples, and the per-sample error bounds would not bound the error of the vector.
+        raise ValueError(
+            f"z0 must have a batch dimension: shape (B, ...), got a 1-D tensor of shape {tuple(z0.shape)}, "
+            f"which would be read as {z0.shape[0]} independent scalar samples. For one state, add a batch "
+            f"dimension: z0.unsqueeze(0) (shape (1, {z0.shape[0]})) and an f that maps (1, D) to (1, D); "
+            "for a batch of scalars, use shape (B, 1)"
+        )
     if z0.shape[0] == 0:
         raise ValueError(f"z0 has an empty batch: shape {tuple(z0.shape)}")
     if not z0.is_floating_point():
         raise TypeError(f"z0 must be a floating-point tensor, got dtype {z0.dtype}")
+    if z0.device.type == "meta":  # no values: the finiteness check below would fail deep inside torch
+        raise ValueError("z0 is on the meta device and holds no data: create it on a real device (cpu, cuda)")
     z = z0.detach().reshape(z0.shape[0], -1)
     if z.shape[1] == 0:
         raise ValueError(f"z0 has no elements per sample: shape {tuple(z0.shape)}")
@@ -71,7 +64,7 @@ def check_z0(z0: object) -> torch.Tensor:
 
 
 def check_lipschitz(lipschitz: float | torch.Tensor | None, z: torch.Tensor) -> torch.Tensor | None:
-    """Validate ``lipschitz`` (a float or a ``(B,)`` tensor in (0, 1)); return a float64 ``(B,)`` tensor."""
+    """Validate ``lipschitz`` (a float or a ``(B,)`` tensor in [0, 1)); return a float64 ``(B,)`` tensor."""
     if lipschitz is None:
         return None
     if isinstance(lipschitz, bool) or not isinstance(lipschitz, int | float | torch.Tensor):
@@ -81,8 +74,9 @@ def check_lipschitz(lipschitz: float | torch.Tensor | None, z: torch.Tensor) -> 
         L = L.expand(z.shape[0])
     elif tuple(L.shape) != (z.shape[0],):
         raise ValueError(f"lipschitz tensor must have shape ({z.shape[0]},), got {tuple(L.shape)}")
-    if not bool(((L > 0) & (L < 1)).all()):
-        raise ValueError(f"lipschitz must lie in the open interval (0, 1), got {lipschitz}")
+    if not bool(((L >= 0) & (L < 1)).all()):
+        # 0 is a valid constant (a constant map, e.g. a layer whose capped weights are all zero)
+        raise ValueError(f"lipschitz must lie in [0, 1), got {lipschitz}")
     return L.clone()
 
 
@@ -91,7 +85,7 @@ def check_settings(tol: float, stop_mode: str, max_iter: int, divergence_factor:
     if stop_mode not in STOP_MODES:
         raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
     check_real("tol", tol, above=0.0)
-    check_int("max_iter", max_iter, 1)
+    check_int("max_iter", max_iter, minimum=1)
     check_real("divergence_factor", divergence_factor, above=1.0, finite=False)
     check_real("eps", eps, above=0.0, inclusive=True)
 
@@ -151,6 +145,12 @@ def drive(
     rel_trace: list[torch.Tensor] = []
     last_abs, last_rel = inf, inf
     all_active = True
+    # Per-sample stopping assumes f acts on each sample alone. A sample that stopped keeps its state, so
+    # f must keep giving it the same residual while the others move; if it does not, f couples the
+    # samples and the per-sample verdicts and bounds do not hold (checked on tensors, synced once at the end).
+    stop_abs = inf.clone()
+    coupled = torch.zeros(B, dtype=torch.bool, device=dev)
+    slack = 64 * torch.finfo(torch.bfloat16 if torch.is_autocast_enabled() else dt).eps
 
     n_f = 0
     while True:
@@ -173,6 +173,10 @@ def drive(
         else:  # cert: the a-posteriori bound L/(1-L) ||f(z)-z|| on ||f(z) - z*||
             crit = cert_scale * abs_r
 
+        if n_f > 1:
+            frozen = ~active & (status != NON_FINITE)
+            moved = ~finite | ((abs_r - stop_abs).abs() > 1e-3 * stop_abs + slack * fz_norm)
+            coupled |= frozen & moved
         # Status logic on (B,) tensors, kept to few kernels. Only active samples may change anything.
         ok = active & finite
         improved = ok & (crit < best_crit)
@@ -187,6 +191,7 @@ def drive(
         diverged = ok & ((abs_r > divergence_factor * min_abs) | (fz_norm > size_limit))
         min_abs = torch.where(ok, torch.minimum(min_abs, abs_r), min_abs)
         converged = ok & (best_crit < tol)
+        stop_abs = torch.where(diverged | converged, abs_r, stop_abs)  # the residual of the frozen state
         nonfinite = active ^ ok  # = active & ~finite
         status = status.masked_fill(nonfinite, NON_FINITE).masked_fill(diverged, DIVERGED)
         status = status.masked_fill(converged, CONVERGED)
@@ -217,6 +222,19 @@ def drive(
         z = z_next if all_active else torch.where(active[:, None], z_next, z)
 
     error_bound = None if cert_scale is None else cert_scale * best_abs
+    n_coupled = int(coupled.sum()) if B > 1 else 0
+    if n_coupled:
+        # Nothing per-sample can be trusted: no certified bounds, and no verdict for the samples whose
+        # residual moved after they stopped.
+        status = status.masked_fill(coupled, MAX_ITER)
+        if error_bound is not None:
+            error_bound = torch.full_like(error_bound, math.inf)
+        warnings.warn(SolverWarning(
+            f"solve: f couples the samples of the batch: the residual of {n_coupled} of {B} stopped samples "
+            "changed while their state was frozen. Per-sample stopping and error bounds assume f maps each "
+            "sample on its own; those samples are reported as max_iter and no error bound is given. For one "
+            "coupled state, solve it as a batch of one (shape (1, D))"
+        ), stacklevel=3)
     return Solution(
         value=best_fz.clone() if best_fz is z_init else best_fz,
         status=status,

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_int, check_real
+from lipdeq.checks import check_int, check_real
 
 
 class Anderson:
     """Anderson mixing with memory ``m``, relative regularisation ``lam`` and mixing ``beta``."""
 
     def __init__(self, z: torch.Tensor, *, m: int = 6, lam: float = 1e-4, beta: float = 1.0) -> None:
-        check_int("anderson option m", m, 1)
+        check_int("anderson option m", m, minimum=1)
         check_real("anderson option lam", lam, above=0.0, inclusive=True)
         check_real("anderson option beta", beta, above=0.0)
         B, D = z.shape
@@ -30,9 +30,12 @@ class Anderson:
         # history of images f(x_i) and residuals f(x_i) - x_i; only filled slots are ever read
         self.F = torch.empty(B, m, D, dtype=z.dtype, device=z.device)
         self.G = torch.empty(B, m, D, dtype=z.dtype, device=z.device)
-        self.GG = torch.zeros(B, m, m, dtype=z.dtype, device=z.device)  # Gram matrix G G^T
-        self.ones = torch.ones(B, m, 1, dtype=z.dtype, device=z.device)
-        self.eye = torch.eye(m, dtype=z.dtype, device=z.device)  # row j: weights of a plain Picard step
+        # The small (m x m) system in at least float32: torch has no half/bfloat16 LU on CPU, and squared
+        # residual norms overflow float16's range long before the state does.
+        self.gram_dtype = torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
+        self.GG = torch.zeros(B, m, m, dtype=self.gram_dtype, device=z.device)  # Gram matrix G G^T
+        self.ones = torch.ones(B, m, 1, dtype=self.gram_dtype, device=z.device)
+        self.eye = torch.eye(m, dtype=self.gram_dtype, device=z.device)  # row j: weights of a plain Picard step
         self.count = 0
 
     def residual_out(self) -> torch.Tensor:
@@ -48,7 +51,8 @@ class Anderson:
         if g.data_ptr() != self.G[:, j].data_ptr():
             self.G[:, j] = g
         # (B, n): <g_i, g>. As g^T G^T, not G g: on CPU the latter is a ~10x slower gemv layout.
-        row = torch.bmm(g.unsqueeze(1), self.G[:, :n].transpose(1, 2)).squeeze(1)
+        gd = self.gram_dtype
+        row = torch.bmm(g.unsqueeze(1).to(gd), self.G[:, :n].transpose(1, 2).to(gd)).squeeze(1)
         self.GG[:, j, :n] = row
         self.GG[:, :n, j] = row
         if n == 1:
@@ -58,7 +62,7 @@ class Anderson:
         x, info = torch.linalg.solve_ex(H, self.ones[:, :n])
         total = x.sum(dim=1)  # (B, 1); NaN or Inf if any weight is
         ok = (info == 0) & (total.view(-1) > 0) & (total.view(-1) < torch.inf)
-        alpha = torch.where(ok[:, None, None], (x / total[:, None]).transpose(1, 2), self.eye[j, :n])
+        alpha = torch.where(ok[:, None, None], (x / total[:, None]).transpose(1, 2), self.eye[j, :n]).to(fz.dtype)
         z_next = torch.bmm(alpha, self.F[:, :n]).squeeze(1)
         if self.beta != 1.0:
             z_next = z_next - (1.0 - self.beta) * torch.bmm(alpha, self.G[:, :n]).squeeze(1)

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_int
+from lipdeq.checks import check_int
 
 
 class Broyden:
     """Limited-memory good Broyden with ``m`` stored rank-one updates."""
 
     def __init__(self, z: torch.Tensor, *, m: int = 30) -> None:
-        check_int("broyden option m", m, 1)
+        check_int("broyden option m", m, minimum=1)
         B, D = z.shape
         self.m = m
         # rank-one factors; only filled slots are ever read

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_real
+from lipdeq.checks import check_real
 
 
 class Picard:

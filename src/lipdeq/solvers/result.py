@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+__all__ = ["Solution", "SolverWarning", "Status", "percentile", "sample_summary", "status_counts"]
 
 
 class SolverWarning(UserWarning):
@@ -86,4 +89,70 @@ class Solution:
 
     def counts(self) -> dict[str, int]:
         """Number of samples per status name, e.g. ``{"converged": 31, "max_iter": 1}``."""
-        return {s.name.lower(): int((self.status == int(s)).sum()) for s in Status}
+        return status_counts(self.status)
+
+    def summary(self, prefix: str) -> dict[str, float]:
+        """Per-sample statistics of this solve as a flat dict of floats, keys ``{prefix}_<name>``.
+
+        See :func:`sample_summary` for the names; ``prefix`` is usually ``"forward"`` or
+        ``"backward"``.
+        """
+        return sample_summary(
+            prefix,
+            nstep=self.nstep,
+            rel_residual=self.rel_residual,
+            abs_residual=self.abs_residual,
+            status=self.status,
+            error_bound=self.error_bound,
+        )
+
+
+def percentile(x: torch.Tensor, q: float) -> float:
+    """The ``q``-quantile (``q`` in [0, 1], linear interpolation) of all entries of ``x``; NaN if empty."""
+    return float(torch.quantile(x.detach().double().flatten(), q)) if x.numel() else math.nan
+
+
+def status_counts(status: torch.Tensor) -> dict[str, int]:
+    """Number of samples per status name of an int8 :class:`Status` code tensor."""
+    return {s.name.lower(): int((status == int(s)).sum()) for s in Status}
+
+
+def sample_summary(
+    prefix: str,
+    *,
+    nstep: torch.Tensor,
+    rel_residual: torch.Tensor,
+    abs_residual: torch.Tensor,
+    status: torch.Tensor,
+    error_bound: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Statistics over samples of per-sample solver results (one solve, or many concatenated).
+
+    Keys (each ``{prefix}_`` + name): ``nstep_mean``, ``nstep_p95``, ``nstep_max``,
+    ``rel_residual_mean``, ``rel_residual_median``, ``rel_residual_max``, ``abs_residual_max``,
+    ``converged_frac`` and, when ``error_bound`` is given, ``error_bound_max`` (the certified
+    a-posteriori bound). Over zero samples every value is NaN. Taking the tensors rather than a
+    :class:`Solution` lets an evaluation summarise many batches without keeping their fixed points.
+    """
+    names = ["nstep_mean", "nstep_p95", "nstep_max", "rel_residual_mean", "rel_residual_median",
+             "rel_residual_max", "abs_residual_max", "converged_frac"]
+    if error_bound is not None:
+        names.append("error_bound_max")
+    if nstep.numel() == 0:
+        return {f"{prefix}_{name}": math.nan for name in names}
+    ns, rel = nstep.detach().double(), rel_residual.detach().double()
+    stats = [
+        ns.mean(),
+        torch.quantile(ns, 0.95),  # as percentile(), kept on the device
+        ns.max(),
+        rel.mean(),
+        rel.median(),  # the lower median (torch's convention): a value some sample reached
+        rel.max(),
+        abs_residual.detach().double().max(),
+        (status == int(Status.CONVERGED)).double().mean(),
+    ]
+    if error_bound is not None:
+        stats.append(error_bound.detach().double().max())
+    # One host transfer for all statistics (the trainer calls this every logged step, on GPU too).
+    values = torch.stack([v.to(ns.device) for v in stats]).tolist()
+    return {f"{prefix}_{name}": value for name, value in zip(names, values, strict=True)}

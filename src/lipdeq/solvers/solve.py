@@ -8,7 +8,9 @@ from collections.abc import Callable
 
 import torch
 
-from ._common import check_int, check_lipschitz, check_settings, check_z0, drive, flat_map
+from lipdeq.checks import check_int
+
+from ._common import check_lipschitz, check_settings, check_z0, drive, flat_map
 from .anderson import Anderson
 from .broyden import Broyden
 from .picard import Picard
@@ -48,7 +50,7 @@ def solve(
             the certified bound ``L/(1-L) ||f(z)-z||`` (needs ``lipschitz``). Norms are l2 over all
             non-batch dimensions.
         max_iter: maximal number of (batched) evaluations of ``f`` (>= 1).
-        lipschitz: a Lipschitz constant ``L`` of ``f`` in (0, 1), a float or a ``(B,)`` tensor; enables
+        lipschitz: a Lipschitz constant ``L`` of ``f`` in [0, 1), a float or a ``(B,)`` tensor; enables
             ``error_bound`` and ``stop_mode="cert"``.
         return_trace: fill ``abs_trace``/``rel_trace`` with ``(T, B)`` tensors, ``T = n_f_evals``; row ``t``
             holds the residuals of the iterates evaluated at evaluation ``t + 1`` (a stopped sample
@@ -74,7 +76,7 @@ def solve(
         TypeError: ``z0`` not a floating tensor, ``f`` not callable or returning a non-tensor / another
             dtype or device, an unknown method option.
         ValueError: bad ``z0`` shape or non-finite ``z0``, ``f`` changing the shape, unknown ``method`` or
-            ``stop_mode``, ``tol <= 0``, ``max_iter < 1``, ``lipschitz`` outside (0, 1) or of the wrong
+            ``stop_mode``, ``tol <= 0``, ``max_iter < 1``, ``lipschitz`` outside [0, 1) or of the wrong
             shape, ``stop_mode="cert"`` without ``lipschitz``, an invalid option value.
     """
     if method not in METHODS:
@@ -93,7 +95,7 @@ def solve(
     options = dict(method_options)
     if "m" in valid:  # at most max_iter - 1 steps are taken: never allocate unused history
         m = options.get("m", inspect.signature(cls).parameters["m"].default)
-        options["m"] = min(check_int(f"{method} option m", m, 1), max(1, max_iter - 1))
+        options["m"] = min(check_int(f"{method} option m", m, minimum=1), max(1, max_iter - 1))
     stepper = cls(z, **options)  # validates the option values before the first evaluation of f
     f, no_autocast = _autocast_safe(f, z.device.type)
     with no_autocast:

@@ -20,27 +20,26 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
-import numbers
 import os
-import random
 import re
 import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 from torch import nn
 
+from lipdeq import atomic
+from lipdeq.checks import check_int
+from lipdeq.errors import LipdeqError
+from lipdeq.training.codec import decode, dedup_tensors, encode
+from lipdeq.training.rng import capture_rng_state, restore_rng_state
 from lipdeq.training.rundir import CHECKPOINT_DIR
-from lipdeq.training.rundir import pid_alive as _pid_alive
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -60,11 +59,10 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 LATEST_FILE = "latest"
 _KNOWN_FILES = (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE)
-_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_SEP = "@"  # never part of a tag: hidden siblings are .tmp@<tag>@<pid>@<hex> and .old@<tag>@<hex>
+_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # never '@', the separator of lipdeq.atomic's hidden names
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LipdeqError, ValueError):
     """A checkpoint cannot be written or read: not a checkpoint, corrupt, wrong model, missing file."""
 
 
@@ -106,115 +104,20 @@ class Checkpoint:
     @property
     def extra_state(self) -> dict[str, Any]:
         """The JSON-safe extra state (data iterator position etc.)."""
-        return _decode(self.meta["extra_state"], None, "extra_state")
-
-    @property
-    def scheduler_state(self) -> dict[str, Any] | None:
-        """The learning-rate scheduler state, or None."""
-        raw = self.meta.get("scheduler_state")
-        return None if raw is None else _decode(raw, None, "scheduler_state")
+        try:
+            return decode(self.meta["extra_state"], None, "extra_state")
+        except KeyError as exc:  # a tensor marker: extra_state never holds tensors
+            raise CheckpointError(f"{self.path / META_FILE}: {exc.args[0]}") from None
 
 
-# ------------------------------------------------------------------------------- nested encoding
-
-_MARKERS = frozenset({"__tensor__", "__tuple__", "__dict__", "__float__"})
-
-
-def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor] | None) -> Any:
-    """Encode nested Python data as JSON; tensors go to ``tensors`` (forbidden if it is None)."""
-    if isinstance(obj, torch.Tensor):
-        if tensors is None:
-            raise TypeError(f"{path}: tensors are not allowed here; store plain JSON-safe values")
-        name, n = path, 1
-        while name in tensors:
-            name, n = f"{path}#{n}", n + 1
-        tensors[name] = obj.detach().to("cpu", copy=True).contiguous()
-        return {"__tensor__": name}
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, numbers.Integral):
-        return int(obj)
-    if isinstance(obj, numbers.Real):
-        value = float(obj)
-        return value if math.isfinite(value) else {"__float__": repr(value)}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(obj)]
-    if isinstance(obj, Mapping):
-        if all(isinstance(k, str) for k in obj) and not _MARKERS.intersection(obj):
-            return {k: _encode(v, f"{path}.{k}", tensors) for k, v in obj.items()}
-        return {
-            "__dict__": [
-                [_encode(k, f"{path}.<key>", None), _encode(v, f"{path}.{k}", tensors)]
-                for k, v in obj.items()
-            ]
-        }
-    raise TypeError(
-        f"{path}: cannot store a {type(obj).__name__} in a checkpoint (JSON-safe values and tensors only)"
-    )
-
-
-def _decode(obj: Any, tensors: Mapping[str, torch.Tensor] | None, path: str) -> Any:
-    if isinstance(obj, list):
-        return [_decode(v, tensors, path) for v in obj]
-    if isinstance(obj, dict):
-        if len(obj) == 1:
-            ((key, value),) = obj.items()
-            if key == "__tensor__":
-                if tensors is None or value not in tensors:
-                    raise CheckpointError(f"{path}: tensor {value!r} is missing from the checkpoint")
-                return tensors[value]
-            if key == "__tuple__":
-                return tuple(_decode(v, tensors, path) for v in value)
-            if key == "__float__":
-                return float(value)
-            if key == "__dict__":
-                return {_decode(k, tensors, path): _decode(v, tensors, path) for k, v in value}
-        return {k: _decode(v, tensors, path) for k, v in obj.items()}
-    return obj
-
-
-# ------------------------------------------------------------------------------------ file helpers
-
-
-def _write_file(path: Path, data: bytes) -> dict[str, Any]:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory file descriptors
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+# ------------------------------------------------------------------------------------------ helpers
 
 
 def _remove_leftovers(directory: Path, tag: str) -> None:
     """Delete temporaries of dead writers and set-aside copies of ``tag`` (now superseded)."""
-    for entry in directory.iterdir():
-        parts = entry.name.split(_SEP)
-        if parts[0] == ".tmp" and len(parts) == 4 and parts[2].isdigit() and not _pid_alive(int(parts[2])):
-            shutil.rmtree(entry, ignore_errors=True)
-        elif parts[0] == ".old" and len(parts) == 3 and parts[1] == tag:
-            shutil.rmtree(entry, ignore_errors=True)
-        elif (
-            parts[0] == ".latest.tmp"
-            and len(parts) == 3
-            and parts[1].isdigit()
-            and not _pid_alive(int(parts[1]))
-        ):
-            with contextlib.suppress(OSError):
-                entry.unlink()
+    atomic.remove_dead_temporaries(directory)
+    for entry in directory.glob(f".old{atomic.SEP}{tag}{atomic.SEP}*"):
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -229,27 +132,7 @@ def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     if bad:
         shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
         raise CheckpointError(f"refusing to save a checkpoint: non-finite values (nan/inf) in {shown}")
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple[Any, ...], str] = {}
-    for key, value in state.items():
-        ident = None
-        if value.numel() > 0 and value.layout == torch.strided:
-            ident = (
-                value.untyped_storage().data_ptr(),
-                value.storage_offset(),
-                tuple(value.shape),
-                tuple(value.stride()),
-                value.dtype,
-                str(value.device),
-            )
-        if ident is not None and ident in seen:
-            aliases[key] = seen[ident]
-            continue
-        if ident is not None:
-            seen[ident] = key
-        tensors[key] = value.detach().to("cpu", copy=True).contiguous()
-    return tensors, aliases
+    return dedup_tensors(state)
 
 
 def _check_tag(tag: str) -> None:
@@ -266,7 +149,7 @@ def _model_name(model: nn.Module, config: Mapping[str, Any], model_name: str | N
     section = config.get("model") if isinstance(config, Mapping) else None
     if isinstance(section, Mapping) and isinstance(section.get("name"), str):
         return section["name"]
-    name = getattr(getattr(model, "config", None), "name", None)
+    name = getattr(getattr(model, "cfg", None), "name", None)  # MultiscaleDEQ keeps its ModelConfig as .cfg
     return name if isinstance(name, str) else type(model).__name__
 
 
@@ -278,7 +161,6 @@ def save_checkpoint(
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
-    scheduler_state: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | Any,
     step: int,
     epoch: int,
@@ -290,16 +172,15 @@ def save_checkpoint(
     """Atomically write checkpoint ``<directory>/<tag>/`` and point ``<directory>/latest`` at it.
 
     ``config`` is a JSON-safe dict (or an object with ``to_dict()``, such as a RunConfig);
-    ``extra_state`` and ``scheduler_state`` must be JSON-safe (tuples, int-keyed dicts and non-finite
-    floats are preserved). The model name stored is ``model_name``, else ``config["model"]["name"]``,
-    else ``model.config.name``, else the class name. Raises :class:`CheckpointError` (and writes
-    nothing) when a model weight or buffer is non-finite. Returns the checkpoint's directory.
+    ``extra_state`` (e.g. the scheduler's and data iterator's state) must be JSON-safe (tuples,
+    int-keyed dicts and non-finite floats are preserved). The model name stored is ``model_name``,
+    else ``config["model"]["name"]``, else ``model.cfg.name``, else the class name. Raises
+    :class:`CheckpointError` (and writes nothing) when a model weight or buffer is non-finite.
+    Returns the checkpoint's directory.
     """
     _check_tag(tag)
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-        raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+    check_int("step", step, minimum=0)
+    check_int("epoch", epoch, minimum=0)
     if hasattr(config, "to_dict") and callable(config.to_dict):
         config = config.to_dict()
     if not isinstance(config, Mapping):
@@ -311,11 +192,8 @@ def save_checkpoint(
         "tag": tag,
         "step": step,
         "epoch": epoch,
-        "config": _encode(dict(config), "config", None),
-        "extra_state": _encode(dict(extra_state or {}), "extra_state", None),
-        "scheduler_state": None
-        if scheduler_state is None
-        else _encode(scheduler_state, "scheduler_state", None),
+        "config": encode(dict(config), "config", None),
+        "extra_state": encode(dict(extra_state or {}), "extra_state", None),
         "optimizer": None,
         "aliases": aliases,
         "torch_version": torch.__version__,
@@ -325,7 +203,7 @@ def save_checkpoint(
     del model_tensors
     if optimizer is not None:
         opt_tensors: dict[str, torch.Tensor] = {}
-        meta["optimizer"] = _encode(optimizer.state_dict(), "optimizer", opt_tensors)
+        meta["optimizer"] = encode(optimizer.state_dict(), "optimizer", opt_tensors)
         payloads[OPTIMIZER_FILE] = _st_save(opt_tensors)
     if rng_state is not None:
         rng_tensors = {}
@@ -339,17 +217,17 @@ def save_checkpoint(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / _SEP.join((".tmp", tag, str(os.getpid()), uuid.uuid4().hex[:12]))
     final = directory / tag
+    tmp = atomic.temp_sibling(final)
     old: Path | None = None
     try:
         tmp.mkdir()
         for name, data in payloads.items():
-            meta["files"][name] = _write_file(tmp / name, data)
-        _write_file(tmp / META_FILE, json.dumps(meta, indent=1, allow_nan=False).encode("utf-8"))
-        _fsync_dir(tmp)
-        if final.exists():
-            old = directory / _SEP.join((".old", tag, uuid.uuid4().hex[:12]))
+            meta["files"][name] = atomic.write_file(tmp / name, data)
+        atomic.write_file(tmp / META_FILE, json.dumps(meta, indent=1, allow_nan=False).encode("utf-8"))
+        atomic.fsync_dir(tmp)
+        if final.exists():  # set the previous checkpoint aside; find_latest falls back to it after a crash
+            old = atomic.aside_name(final)
             os.replace(final, old)
         try:
             os.replace(tmp, final)
@@ -359,25 +237,14 @@ def save_checkpoint(
                     os.replace(old, final)
                     old = None
             raise
-        _fsync_dir(directory)
+        atomic.fsync_dir(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_latest(directory, tag, step, epoch)
+    pointer = {"tag": tag, "step": step, "epoch": epoch}
+    atomic.atomic_write(directory / LATEST_FILE, json.dumps(pointer).encode("utf-8"))
     _remove_leftovers(directory, tag)
     return final
-
-
-def _write_latest(directory: Path, tag: str, step: int, epoch: int) -> None:
-    tmp = directory / _SEP.join((".latest.tmp", str(os.getpid()), uuid.uuid4().hex[:12]))
-    try:
-        _write_file(tmp, json.dumps({"tag": tag, "step": step, "epoch": epoch}).encode("utf-8"))
-        os.replace(tmp, directory / LATEST_FILE)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(directory)
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -437,7 +304,7 @@ def find_latest(directory: str | os.PathLike[str]) -> Path | None:
         tag = _read_pointer(pointer)
         if (directory / tag / META_FILE).is_file():
             return directory / tag
-        aside = [p for p in directory.glob(f".old{_SEP}{tag}{_SEP}*") if (p / META_FILE).is_file()]
+        aside = [p for p in directory.glob(f".old{atomic.SEP}{tag}{atomic.SEP}*") if (p / META_FILE).is_file()]
         if aside:
             return max(aside, key=lambda p: p.stat().st_mtime)
         raise CheckpointError(f"{pointer} points to tag {tag!r} but {directory / tag} is missing")
@@ -507,6 +374,11 @@ def _read_meta(meta_path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{meta_path} is malformed: missing or invalid files/model_name/step/epoch entries"
         )
+    # A position that save_checkpoint would refuse (negative, or a bool, which json reads as an int
+    # subclass) must be refused here too: a resume from it would train, then die at its first save.
+    for key in ("step", "epoch"):
+        if isinstance(meta[key], bool) or meta[key] < 0:
+            raise CheckpointError(f"{meta_path} is malformed: {key} must be an integer >= 0, got {meta[key]!r}")
     return meta
 
 
@@ -543,8 +415,33 @@ def load_checkpoint(
     Raises :class:`CheckpointError`, naming the file, when the path is not a checkpoint (e.g. a pickle),
     a file is missing or its checksum does not match, or the checkpoint belongs to a model other than
     ``expected_model_name``.
+
+    A save may replace the tag directory while it is read (``lipdeq eval`` of a run in progress):
+    the files would then come from two checkpoints and fail their checksums. Such a read is retried
+    on the new checkpoint; a mismatch in a directory that did not change is reported as it is.
     """
-    tag_dir = _resolve(Path(path))
+    for attempt in range(5):
+        tag_dir = _resolve(Path(path))
+        before = _identity(tag_dir)
+        try:
+            return _load_tag(tag_dir, expected_model_name, map_location)
+        except CheckpointError:
+            if attempt == 4 or _identity(tag_dir) == before:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _identity(directory: Path) -> tuple[int, int, int] | None:
+    """(device, inode, ctime) of ``directory``: a save installs a new directory, so this changes. The
+    inode alone does not do: ext4 hands a freed inode (the set-aside copy) to the next save at once."""
+    try:
+        st = directory.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
+
+
+def _load_tag(tag_dir: Path, expected_model_name: str | None, map_location: str | torch.device) -> Checkpoint:
     meta_path = tag_dir / META_FILE
     meta = _read_meta(meta_path)
     if expected_model_name is not None and meta["model_name"] != expected_model_name:
@@ -564,63 +461,11 @@ def load_checkpoint(
         if OPTIMIZER_FILE not in files:
             raise CheckpointError(f"{meta_path} lists optimizer state but no {OPTIMIZER_FILE}")
         opt_tensors = _read_verified(tag_dir / OPTIMIZER_FILE, files[OPTIMIZER_FILE])
-        optimizer_state = _decode(meta["optimizer"], opt_tensors, str(tag_dir / OPTIMIZER_FILE))
+        try:
+            optimizer_state = decode(meta["optimizer"], opt_tensors, str(tag_dir / OPTIMIZER_FILE))
+        except KeyError as exc:
+            raise CheckpointError(exc.args[0]) from None
     rng_state = _read_verified(tag_dir / RNG_FILE, files[RNG_FILE]) if RNG_FILE in files else None
     return Checkpoint(
         model_state=model_state, optimizer_state=optimizer_state, rng_state=rng_state, meta=meta, path=tag_dir
     )
-
-
-# ---------------------------------------------------------------------------------------------- RNG
-
-
-def capture_rng_state() -> dict[str, torch.Tensor]:
-    """Snapshot the torch (CPU and every CUDA device), Python ``random`` and NumPy global RNGs as tensors."""
-    state: dict[str, torch.Tensor] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            state[f"cuda.{i}"] = s
-    version, internal, gauss = random.getstate()
-    state["python.state"] = torch.tensor([version, *internal], dtype=torch.int64)
-    state["python.gauss"] = torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64)
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    if kind != "MT19937":
-        raise ValueError(f"unsupported NumPy bit generator {kind!r}")
-    state["numpy.keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
-    state["numpy.pos"] = torch.tensor([pos, has_gauss], dtype=torch.int64)
-    state["numpy.gauss"] = torch.tensor([cached], dtype=torch.float64)
-    return state
-
-
-def restore_rng_state(state: Mapping[str, torch.Tensor]) -> list[str]:
-    """Restore RNGs captured by :func:`capture_rng_state`; returns the keys restored.
-
-    CUDA states are restored only where that device exists (a GPU checkpoint resumed on CPU skips
-    them: compare the returned keys with ``state``). Unknown keys raise ValueError.
-    """
-    restored: list[str] = []
-    for key in state:
-        known = key in {"torch", "python.state", "python.gauss", "numpy.keys", "numpy.pos", "numpy.gauss"}
-        if not known and not re.fullmatch(r"cuda\.\d+", key):
-            raise ValueError(f"rng_state has unknown key {key!r}")
-    if "torch" in state:
-        torch.set_rng_state(state["torch"].to("cpu", torch.uint8))
-        restored.append("torch")
-    for key, value in state.items():
-        if key.startswith("cuda."):
-            index = int(key.split(".")[1])
-            if torch.cuda.is_available() and index < torch.cuda.device_count():
-                torch.cuda.set_rng_state(value.to("cpu", torch.uint8), index)
-                restored.append(key)
-    if "python.state" in state:
-        values = [int(v) for v in state["python.state"].tolist()]
-        gauss_flag, gauss = state["python.gauss"].tolist() if "python.gauss" in state else (0.0, 0.0)
-        random.setstate((values[0], tuple(values[1:]), gauss if gauss_flag else None))
-        restored += [k for k in ("python.state", "python.gauss") if k in state]
-    if "numpy.keys" in state:
-        pos, has_gauss = (int(v) for v in state["numpy.pos"].tolist())
-        cached = float(state["numpy.gauss"].item())
-        keys = state["numpy.keys"].numpy().astype(np.uint32)
-        np.random.set_state(("MT19937", keys, pos, has_gauss, cached))
-        restored += [k for k in ("numpy.keys", "numpy.pos", "numpy.gauss") if k in state]
-    return restored

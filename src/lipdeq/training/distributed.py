@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lipdeq.training.device import resolve_device
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -32,16 +34,15 @@ class DistContext:
 def setup_distributed(device: str | None = None) -> DistContext:
     """Initialise the default process group when launched by torchrun (``WORLD_SIZE > 1``).
 
-    ``device``: ``"cpu"``, ``"cuda"`` or None (cuda when available). Uses nccl for CUDA and gloo
-    otherwise.
+    ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or None (cuda when available), resolved by
+    :func:`lipdeq.training.device.resolve_device` (an unknown or unavailable device is an error).
+    Uses nccl for CUDA and gloo otherwise.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    dev = resolve_device(device, local_rank=local, distributed=world > 1)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

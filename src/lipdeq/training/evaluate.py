@@ -12,11 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipdeq.data import to_float_normalized
-from lipdeq.solvers import Status
-
-
-def _percentile(x: torch.Tensor, q: float) -> float:
-    return float(torch.quantile(x.double(), q)) if x.numel() else float("nan")
+from lipdeq.solvers import sample_summary, status_counts
+from lipdeq.training.compat import EVAL_SAFE, EVAL_SAFE_PREFIXES, check_compatible
+from lipdeq.training.device import resolve_device
 
 
 def recalibrate_batchnorm(model: torch.nn.Module, batches: Sequence[torch.Tensor]) -> int:
@@ -60,9 +58,10 @@ def evaluate(
 
     Returns a JSON-safe dict: ``accuracy``, ``loss``, ``num_images``, ``images_per_s``,
     ``seconds_per_image``, and, for equilibrium models, the per-sample forward statistics over the
-    whole set: ``forward_nstep_mean``, ``forward_nstep_p95``, ``forward_nstep_max``,
-    ``forward_rel_residual_max`` / ``_mean``, ``status_counts`` and ``error_bound_max`` (certified,
-    for Lipschitz models).
+    whole set: the keys of :meth:`lipdeq.Solution.summary` with prefix ``forward``
+    (``forward_nstep_mean``, ``forward_nstep_p95``, ``forward_rel_residual_max``, ...),
+    ``status_counts`` and, for certified Lipschitz models, ``error_bound_max`` (the same value as
+    ``forward_error_bound_max``, under the name earlier releases used).
     """
     if images_uint8.shape[0] != labels.shape[0]:
         raise ValueError(f"{images_uint8.shape[0]} images but {labels.shape[0]} labels")
@@ -71,7 +70,8 @@ def evaluate(
     model.eval()
     inner = getattr(model, "module", model)
     total_loss, correct, n = 0.0, 0, 0
-    nsteps, rels, statuses, bounds = [], [], [], []
+    # Per-sample statistics only: keeping each batch's Solution would keep its fixed points too.
+    nsteps, rels, abss, statuses, bounds = [], [], [], [], []
     elapsed = 0.0
     try:
         for start in range(0, images_uint8.shape[0], batch_size):
@@ -92,6 +92,7 @@ def evaluate(
             if sol is not None:
                 nsteps.append(sol.nstep.cpu())
                 rels.append(sol.rel_residual.cpu())
+                abss.append(sol.abs_residual.cpu())
                 statuses.append(sol.status.cpu())
                 if sol.error_bound is not None:
                     bounds.append(sol.error_bound.cpu())
@@ -105,17 +106,14 @@ def evaluate(
         "seconds_per_image": elapsed / max(n, 1),
     }
     if nsteps:
-        ns, rs, st = torch.cat(nsteps).double(), torch.cat(rels).double(), torch.cat(statuses)
-        out.update(
-            forward_nstep_mean=float(ns.mean()),
-            forward_nstep_p95=_percentile(ns, 0.95),
-            forward_nstep_max=float(ns.max()),
-            forward_rel_residual_mean=float(rs.mean()),
-            forward_rel_residual_max=float(rs.max()),
-            status_counts={s.name.lower(): int((st == int(s)).sum()) for s in Status},
-        )
-        if bounds:
-            out["error_bound_max"] = float(torch.cat(bounds).max())
+        status = torch.cat(statuses)
+        # A bound exists only if every batch had one (the certificate is the same for all batches).
+        bound = torch.cat(bounds) if len(bounds) == len(nsteps) else None
+        summary = sample_summary("forward", nstep=torch.cat(nsteps), rel_residual=torch.cat(rels),
+                                 abs_residual=torch.cat(abss), status=status, error_bound=bound)
+        out.update(summary, status_counts=status_counts(status))
+        if bound is not None:
+            out["error_bound_max"] = summary["forward_error_bound_max"]
     return out
 
 
@@ -123,21 +121,31 @@ def evaluate_checkpoint(
     path: str | Path, *, overrides: Sequence[str] = (), device: str | None = None
 ) -> dict[str, Any]:
     """Load a checkpoint (run directory, checkpoint directory or meta.json), rebuild its model from
-    the stored configuration (``data.*`` keys may be overridden), and evaluate it on the test split.
+    the stored configuration, and evaluate it on the test split. ``overrides`` may change ``data.*``,
+    ``train.*`` (evaluation batch size, precision) and the forward solver's settings (``model.solver``,
+    ``model.f_thres``, ``model.f_tol``, ...); an override of any other ``model.*`` key would evaluate
+    another network and raises :class:`~lipdeq.training.compat.ConfigMismatchError` naming the key.
 
     Returns the metrics of :func:`evaluate` plus ``model``, ``step``, ``certificate`` (the certified
     Lipschitz bound, ``inf`` for the baseline) and ``checkpoint``.
     """
-    from lipdeq.configs import config_from_dict
+    from lipdeq.configs import ConfigError, config_from_dict
     from lipdeq.data import load_dataset
+
+    if isinstance(overrides, str):  # would be iterated letter by letter ("override 'd' has no '='")
+        raise ConfigError(f"overrides must be a sequence of 'key=value' strings, got the string {overrides!r}")
     from lipdeq.models import MultiscaleDEQ
     from lipdeq.training.checkpoint import CheckpointError, load_checkpoint
 
     ck = load_checkpoint(path)
-    cfg = config_from_dict(ck.config, overrides, what=f"configuration stored in {ck.path}")
-    if cfg.model.name != ck.model_name:
-        raise CheckpointError(f"{ck.path}: overrides may not change the model ({ck.model_name!r})")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    what = f"configuration stored in {ck.path}"
+    stored = config_from_dict(ck.config, what=what)
+    cfg = config_from_dict(ck.config, overrides, what=what)
+    # The weights are evaluated as the network they were trained as: only the data, the evaluation
+    # settings and the forward solver's precision may change, never the architecture.
+    check_compatible(stored.to_dict(), cfg.to_dict(), allowed=EVAL_SAFE, allowed_prefixes=EVAL_SAFE_PREFIXES,
+                     what="evaluation overrides", source=str(ck.path))
+    dev = resolve_device(device)
     model = MultiscaleDEQ(cfg.model)
     try:
         model.load_state_dict(ck.model_state)

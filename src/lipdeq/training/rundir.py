@@ -1,60 +1,64 @@
-"""Run directories: refuse to clobber another run by accident, and hold an exclusive lock while writing.
+"""Run directories: their layout, refusing to clobber another run by accident, an exclusive lock
+while writing, and the resolved configuration written into each.
 
-Layout of a run directory ``out``::
+Layout of a run directory ``out`` (the names below are this module's constants; use them, not
+literals)::
 
-    out/.lock             {"pid", "hostname", "token", "started"} of the writer (exclusive, O_EXCL)
-    out/checkpoints/      save_checkpoint(...) target: <tag>/ directories and the 'latest' pointer
-    out/metrics.jsonl     metrics log
-    out/config.yaml       the resolved run configuration
+    out/.lock             LOCK_FILE: {"pid", "hostname", "token", "started"} of the writer (O_EXCL)
+    out/checkpoints/      CHECKPOINT_DIR: save_checkpoint(...) target, <tag>/ directories and 'latest'
+    out/metrics.jsonl     METRICS_FILE: one JSON record per line, each with "kind" and "step"
+    out/config.yaml       CONFIG_FILE: the resolved run configuration (``lipdeq train --config`` reads it)
+    out/tensorboard/      TENSORBOARD_DIR: TensorBoard events, when TensorBoard is installed
 
-Only stdlib at import time, so the lock is cheap to take in any process.
+lipdeq never removes or replaces a file it did not write: ``config.yaml`` carries the sha256 of its
+own YAML in its header (a file edited since, or written by someone else, does not match), and a
+``metrics.jsonl`` counts as lipdeq's when it is empty or its first line is a lipdeq record.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import socket
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from lipdeq import atomic
+from lipdeq.atomic import pid_alive
+from lipdeq.errors import LipdeqError
+from lipdeq.presets.strict_yaml import dump_yaml
 
 __all__ = [
     "CHECKPOINT_DIR",
     "CONFIG_FILE",
     "LOCK_FILE",
     "METRICS_FILE",
+    "TENSORBOARD_DIR",
     "RunDirError",
     "RunDirLock",
+    "config_written_by_lipdeq",
+    "metrics_written_by_lipdeq",
     "prepare_run_dir",
+    "write_config",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".lock"
-_RUN_ARTIFACTS = (CHECKPOINT_DIR, METRICS_FILE, CONFIG_FILE)
+TENSORBOARD_DIR = "tensorboard"
+_SHA_LINE = "# lipdeq-sha256: "  # last header line of config.yaml; the digest covers what follows it
 
 
-class RunDirError(ValueError):
+class RunDirError(LipdeqError, ValueError):
     """The run directory cannot be used: it holds another run, or another process is writing it."""
-
-
-def pid_alive(pid: int) -> bool:
-    """True if a process with this pid exists on this host (possibly owned by another user)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def _read_lock(path: Path) -> dict[str, Any] | None:
@@ -81,7 +85,8 @@ class RunDirLock:
     """An exclusively locked run directory; a context manager that releases the lock on exit.
 
     Attributes: ``path`` (the run directory), ``checkpoint_dir``, ``metrics_path``, ``config_path``,
-    ``lock_path``, and ``resuming`` (True when ``resume=True`` found an earlier run to continue).
+    ``tensorboard_dir``, ``lock_path``, and ``resuming`` (True when ``resume=True`` found an earlier
+    run to continue).
     """
 
     def __init__(self, path: Path, token: str, resuming: bool) -> None:
@@ -89,6 +94,7 @@ class RunDirLock:
         self.checkpoint_dir = path / CHECKPOINT_DIR
         self.metrics_path = path / METRICS_FILE
         self.config_path = path / CONFIG_FILE
+        self.tensorboard_dir = path / TENSORBOARD_DIR
         self.lock_path = path / LOCK_FILE
         self.resuming = resuming
         self._token: str | None = token
@@ -97,13 +103,6 @@ class RunDirLock:
     def held(self) -> bool:
         """Whether this object still holds the lock."""
         return self._token is not None
-
-    @property
-    def latest_checkpoint(self) -> Path | None:
-        """The newest complete checkpoint in ``checkpoint_dir`` (see ``find_latest``), or None."""
-        from lipdeq.training.checkpoint import find_latest
-
-        return find_latest(self.checkpoint_dir)
 
     def release(self) -> None:
         """Remove the lock file if it is still ours; idempotent."""
@@ -193,20 +192,102 @@ def _existing_run(out: Path) -> list[str]:
     return found
 
 
-def prepare_run_dir(out: str | os.PathLike[str], *, resume: bool, overwrite: bool) -> RunDirLock:
+# ------------------------------------------------------------------------------------ config.yaml
+
+
+def _config_text(config: Mapping[str, Any]) -> str:
+    body = dump_yaml(dict(config))
+    preset = config.get("preset")
+    origin = f"it started from preset {preset!r}" if preset else "it did not start from a preset"
+    return (
+        "# The resolved configuration of this lipdeq run, written when training started; "
+        "`lipdeq train --config THIS_FILE` accepts it.\n"
+        f"# 'preset' records where it came from ({origin}); to derive a new configuration from a "
+        "preset, write 'base: NAME' instead.\n"
+        f"{_SHA_LINE}{hashlib.sha256(body.encode('utf-8')).hexdigest()}\n"
+        f"{body}"
+    )
+
+
+def config_written_by_lipdeq(path: str | os.PathLike[str]) -> bool:
+    """True if ``path`` is a config.yaml exactly as lipdeq wrote it (its header digest matches)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    header, sep, body = text.partition("\n" + _SHA_LINE)
+    if not sep or not header.startswith("#") or any(not line.startswith("#") for line in header.splitlines()):
+        return False
+    digest, newline, body = body.partition("\n")
+    return bool(newline) and digest == hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def metrics_written_by_lipdeq(path: str | os.PathLike[str]) -> bool:
+    """True if ``path`` is empty or its first line is a lipdeq metrics record (a JSON object with a
+    str ``kind`` and an int ``step``); a torn last line after a crash does not matter."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            first = fh.readline()
+    except (OSError, UnicodeDecodeError):
+        return False
+    if not first.strip():
+        return True
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("kind"), str)
+        and isinstance(record.get("step"), int)
+        and not isinstance(record.get("step"), bool)
+    )
+
+
+def write_config(out: str | os.PathLike[str], config: Mapping[str, Any]) -> Path:
+    """Write ``config`` (a JSON-safe mapping such as ``RunConfig.to_dict()``) to ``out/config.yaml``
+    atomically, with the header that marks it as lipdeq's. Returns the file's path."""
+    path = Path(out) / CONFIG_FILE
+    atomic.atomic_write(path, _config_text(config).encode("utf-8"))
+    return path
+
+
+def _remove(target: Path) -> None:
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    elif target.exists() or target.is_symlink():
+        target.unlink()
+
+
+# ---------------------------------------------------------------------------------------- prepare
+
+
+def prepare_run_dir(
+    out: str | os.PathLike[str], *, resume: bool, overwrite: bool, config: Mapping[str, Any] | None = None
+) -> RunDirLock:
     """Create or reuse run directory ``out`` and lock it exclusively; use as ``with prepare_run_dir(...)``.
 
     If ``out`` already holds a run (checkpoints or metrics): ``resume=True`` continues it,
-    ``overwrite=True`` deletes that run's checkpoints, metrics and config (nothing else), and with
-    neither flag :class:`RunDirError` is raised. The lock ``out/.lock`` is created with O_EXCL and
-    records pid and hostname; a lock left by a dead process on this host is taken over, a live one
-    (or one from another host) raises :class:`RunDirError`. The lock is released on exit.
+    ``overwrite=True`` deletes that run's checkpoints, metrics and config.yaml (nothing else, and
+    only what lipdeq wrote), and with neither flag :class:`RunDirError` is raised. ``config`` (the
+    resolved configuration, e.g. ``RunConfig.to_dict()``) is then written to ``out/config.yaml``;
+    a config.yaml there that lipdeq did not write (or that was edited) is never replaced: it raises
+    :class:`RunDirError` before anything is changed, as does ``overwrite`` of a metrics.jsonl that is
+    not lipdeq's. The lock ``out/.lock`` is created with O_EXCL and records pid and hostname; a lock
+    left by a dead process on this host is taken over, a live one (or one from another host) raises
+    :class:`RunDirError`. The lock is released on exit.
     """
     if resume and overwrite:
         raise ValueError("resume=True and overwrite=True are mutually exclusive: choose one")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RunDirError(f"run directory {out} exists and is not a directory")
+    ckpt = out / CHECKPOINT_DIR
+    if (ckpt.exists() or ckpt.is_symlink()) and not ckpt.is_dir():
+        # Checked before anything runs: otherwise a resume finds no checkpoint in it, trains from step 0
+        # and loses that work at the first save; and --overwrite would delete a file lipdeq did not write.
+        raise RunDirError(f"{ckpt} exists and is not a directory: lipdeq keeps the run's checkpoints there; "
+                          "move it away and start again")
     out.mkdir(parents=True, exist_ok=True)
     token = _acquire(out)
     lock = RunDirLock(out, token, resuming=False)
@@ -217,13 +298,26 @@ def prepare_run_dir(out: str | os.PathLike[str], *, resume: bool, overwrite: boo
                 f"{out} already holds a run ({', '.join(existing)}); pass resume=True (--resume) to continue "
                 "it or overwrite=True (--overwrite) to replace it"
             )
+        own_config = config_written_by_lipdeq(lock.config_path)
+        if config is not None and lock.config_path.exists() and not own_config:
+            raise RunDirError(
+                f"{lock.config_path} was not written by lipdeq (or was edited since): lipdeq writes the run's "
+                f"resolved configuration there and never replaces a file of yours; move it out of {out} "
+                "(pass its new path to --config) and start again"
+            )
         if overwrite:
-            for name in _RUN_ARTIFACTS:
-                target = out / name
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                elif target.exists() or target.is_symlink():
-                    target.unlink()
+            if lock.metrics_path.exists() and not metrics_written_by_lipdeq(lock.metrics_path):
+                raise RunDirError(
+                    f"{lock.metrics_path} was not written by lipdeq; --overwrite removes only lipdeq's own "
+                    "files: move it away and start again"
+                )
+            _remove(lock.checkpoint_dir)
+            _remove(lock.metrics_path)
+            if own_config:
+                _remove(lock.config_path)
+        atomic.remove_dead_temporaries(out)
+        if config is not None:
+            write_config(out, config)
         lock.resuming = bool(existing) and resume
     except BaseException:
         lock.release()

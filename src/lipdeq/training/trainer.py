@@ -24,9 +24,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lipdeq.configs import RunConfig
 from lipdeq.data import BatchIterator, load_dataset
-from lipdeq.data.loader import derive_seed
+from lipdeq.errors import LipdeqError
 from lipdeq.models import MultiscaleDEQ
-from lipdeq.solvers import SolverWarning, Status
+from lipdeq.solvers import SolverWarning
 from lipdeq.training.checkpoint import (
     capture_rng_state,
     find_latest,
@@ -42,10 +42,11 @@ from lipdeq.training.distributed import (
     setup_distributed,
 )
 from lipdeq.training.evaluate import evaluate
-from lipdeq.training.rundir import prepare_run_dir
+from lipdeq.training.rundir import CHECKPOINT_DIR, METRICS_FILE, TENSORBOARD_DIR, prepare_run_dir
+from lipdeq.training.step import train_step, use_jacobian_penalty
 
 
-class NonFiniteTrainingError(RuntimeError):
+class NonFiniteTrainingError(LipdeqError, RuntimeError):
     """Raised after ``train.max_nonfinite_in_row`` consecutive steps with a non-finite value."""
 
 
@@ -89,13 +90,13 @@ class _MetricsWriter:
 
     def __init__(self, out_dir: Path, enabled: bool) -> None:
         self.enabled = enabled
-        self.file = open(out_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None  # noqa: SIM115
+        self.file = open(out_dir / METRICS_FILE, "a", encoding="utf-8") if enabled else None  # noqa: SIM115
         self.tb = None
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+                self.tb = SummaryWriter(str(out_dir / TENSORBOARD_DIR))
             except Exception:  # tensorboard is optional
                 self.tb = None
 
@@ -189,7 +190,8 @@ def train(
     try:
         if ctx.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-            with prepare_run_dir(out_dir, resume=resume, overwrite=overwrite):
+            # rank 0 locks the directory and writes config.yaml (the resolved configuration) first
+            with prepare_run_dir(out_dir, resume=resume, overwrite=overwrite, config=cfg.to_dict()):
                 return _train(cfg, out_dir, ctx, resume, progress, on_step)
         return _train(cfg, out_dir, ctx, resume, progress, on_step)
     finally:
@@ -228,7 +230,7 @@ def _train(
         optimizer, lambda s: lr_factor(s, total_steps, t.warmup_steps, t.schedule, t.lr, t.min_lr)
     )
     step, skipped, nonfinite_in_row = 0, 0, 0
-    ckpt_dir = out_dir / "checkpoints"
+    ckpt_dir = out_dir / CHECKPOINT_DIR
     latest = find_latest(ckpt_dir) if resume else None
     if latest is not None:  # resume on an empty directory starts afresh (convenient for preemptible jobs)
         ck = load_checkpoint(latest, expected_model_name=cfg.model.name, map_location=dev)
@@ -258,7 +260,7 @@ def _train(
         if not ctx.is_main:
             return None
         return save_checkpoint(
-            ckpt_dir, model=model, optimizer=optimizer, scheduler_state=None, config=cfg.to_dict(),
+            ckpt_dir, model=model, optimizer=optimizer, config=cfg.to_dict(),
             step=step, epoch=loader.epoch,
             extra_state={"scheduler": schedule.state_dict(), "data": loader.state_dict(), "skipped_steps": skipped},
             rng_state=capture_rng_state(), tag=tag,
@@ -278,33 +280,13 @@ def _train(
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                 t0 = time.perf_counter()
                 pretrain = step < t.pretrain_steps
-                use_jac = _use_jac_reg(t, step, epoch, pretrain)
-                buffers_before = {n: b.detach().clone() for n, b in model.named_buffers()}  # for a skipped step
-                with gate, torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                    out = net(x, unrolled=pretrain, return_jac_loss=bool(use_jac))
-                logits, jac = out if use_jac else (out, None)
-                ce = F.cross_entropy(logits.float(), y)
-                loss = ce + t.jac_reg_weight * jac.float() if jac is not None else ce
-                sol = model.last_solution
-                bad_fixed_point = sol is not None and bool((sol.status == int(Status.NON_FINITE)).any())
-                optimizer.zero_grad(set_to_none=True)
-                # Every rank takes the same branch, so DDP's collectives never deadlock.
-                finite = all_ranks_true(bool(torch.isfinite(loss)) and not bad_fixed_point, ctx)
-                if finite:
-                    with gate:
-                        loss.backward()
-                    if t.grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                    grads = [p.grad for p in model.parameters() if p.grad is not None]
-                    grads_ok = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-                    finite = all_ranks_true(grads_ok, ctx)
-                if not finite:
+                use_jac = use_jacobian_penalty(t, step, epoch, pretrain)
+                result = train_step(model, net, x, y, optimizer, cfg, pretrain=pretrain, use_jac=use_jac,
+                                    scheduler=schedule, loss_fn=F.cross_entropy, ctx=ctx, warning_gate=gate)
+                logits, ce, jac = result.logits, result.ce, result.jac
+                if not result.finite:  # no update was applied and the buffers are as before the step
                     skipped += 1
                     nonfinite_in_row += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    with torch.no_grad():  # undo the forward's buffer updates (BatchNorm statistics of a NaN)
-                        for n, b in model.named_buffers():  # by name: a module may rebind a buffer
-                            b.copy_(buffers_before[n])
                     if nonfinite_in_row >= t.max_nonfinite_in_row:
                         raise NonFiniteTrainingError(
                             f"{nonfinite_in_row} consecutive steps with a non-finite loss, gradient or fixed "
@@ -313,8 +295,6 @@ def _train(
                         )
                     continue
                 nonfinite_in_row = 0
-                optimizer.step()
-                schedule.step()
                 step += 1
                 dt = time.perf_counter() - t0
                 train_seconds += dt
@@ -369,15 +349,6 @@ def _train(
         last_ckpt = checkpoint() or last_ckpt
     writer.close()
     return TrainResult(out_dir, step, loader.epoch, stopped_by, final_eval, skipped, last_ckpt, train_seconds, model)
-
-
-def _use_jac_reg(t: Any, step: int, epoch: int, pretrain: bool) -> bool:
-    """Bai et al. 2021: apply the Jacobian penalty with probability ``jac_reg_freq`` (a coin drawn
-    from a generator seeded by the step, so resuming replays the same decisions)."""
-    if pretrain or t.jac_reg_weight <= 0 or (t.jac_reg_stop_epoch is not None and epoch >= t.jac_reg_stop_epoch):
-        return False
-    coin = torch.rand((), generator=torch.Generator().manual_seed(derive_seed("jac", t.seed, step)))
-    return bool(coin < t.jac_reg_freq)
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:

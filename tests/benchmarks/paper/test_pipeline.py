@@ -1,32 +1,26 @@
 """The paper bench on a tiny budget: outputs, aggregates recomputed from raw records, snapshots checked
-against the trainer's own checkpoint, and the full profile's code path (dry run)."""
+against the trainer's own checkpoint, the full profile's code path (dry run), and where the data comes from."""
 
 from __future__ import annotations
 
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from lipdeq.benchmarks import paper
-from lipdeq.configs import load_config
 from lipdeq.training import evaluate_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::lipdeq.solvers.SolverWarning")
 
-SMALL_2 = ["model.channels=[4,4]", "model.head_channels=[2,4]", "model.final_channels=8", "model.num_groups=2",
-           "model.expansion=2", "model.f_thres=6", "model.b_thres=6", "train.batch_size=8"]
-SMALL_4 = ["model.channels=[4,4,4,4]", "model.head_channels=[2,2,2,2]", "model.final_channels=8",
-           "model.num_groups=2", "model.expansion=2", "model.f_thres=4", "model.b_thres=4", "train.batch_size=4",
-           "model.pretrain_layers=3", "data.dataset=synthetic"]
-OPTIONS = {"test_subset": 24, "sweep_test_subset": 12, "probe_batch_size": 4, "eval_batch_size": 12,
-           "sweep_steps": 2, "sweep_knobs": (("relu_slope", (0.4, 1.0)),), "trace_iters": 4,
-           "memory_f_thres": (2, 4), "memory_batch_size": 2, "train_subset": 64, "max_evals": 3}
 PNGS = ("residuals.png", "accuracy_vs_time.png", "iterations.png", "sweep.png")
 SUMMARY_NUMBERS = ("train_step_speedup", "inference_speedup", "accuracy_baseline", "accuracy_lipschitz")
+
+
 def _check_outputs(out: Path, profile: str, baseline: str) -> dict:
     data = json.loads((out / "results.json").read_text())
     s = data["summary"]
@@ -53,10 +47,11 @@ def _median_second_half(records: list[dict]) -> float:
     return statistics.median(r["step_time"] for r in records[len(records) // 2:])
 
 
-def test_quick_profile_on_real_cifar(tmp_path: Path, real_cifar_dir: Path) -> None:
+def test_quick_profile_on_real_cifar(tmp_path: Path, real_cifar_dir: Path, tiny: dict) -> None:
     # no BatchNorm re-estimation here, so that our evaluation matches `lipdeq eval` of the same checkpoint
     res = paper.run(tmp_path, profile="quick", data_dir=str(real_cifar_dir), device="cpu", max_steps_override=4,
-                    overrides=SMALL_2, profile_options={**OPTIONS, "bn_recalibration_batches": 0}, verbose=False)
+                    overrides=tiny["small_2"], profile_options={**tiny["options"], "bn_recalibration_batches": 0},
+                    verbose=False)
     data = _check_outputs(tmp_path, "quick", "mdeq_tiny")
     assert data["dataset"] == "cifar10"
     lip, base = res["models"]["lipmdeq_tiny"], res["models"]["mdeq_tiny"]
@@ -91,10 +86,9 @@ def test_quick_profile_on_real_cifar(tmp_path: Path, real_cifar_dir: Path) -> No
     assert {p["point"] for p in res["sweep"]["points"]} == {"reference", "relu_slope=1"}
 
 
-def test_full_profile_dry_run(tmp_path: Path) -> None:
-    res = paper.run(tmp_path, profile="full", data_dir=None, device="cpu", max_steps_override=2,
-                    overrides=SMALL_4, profile_options={**OPTIONS, "bn_recalibration_batches": 2}, verbose=False)
-    data = _check_outputs(tmp_path, "full", "mdeq_large")
+def test_full_profile_dry_run(full_dry_run: tuple[Path, dict]) -> None:
+    out, res = full_dry_run
+    data = _check_outputs(out, "full", "mdeq_large")
     assert data["dataset"] == "synthetic"
     assert set(res["models"]) == {"mdeq_large", "mdeq_large_reg", "lipmdeq_large"}
     assert {(p["lipschitz"], p["baseline"]) for p in res["pairs"]} == {
@@ -106,45 +100,48 @@ def test_full_profile_dry_run(tmp_path: Path) -> None:
     assert res["settings"]["bn_recalibration_images"] == 2 * 4
 
 
-def test_recalibrate_batchnorm_matches_batch_statistics() -> None:
-    """Oracle: after re-estimation, running mean / var are the averages over the batches of each batch's
-    per-channel mean and unbiased variance (equal batch sizes); momentum and mode are restored."""
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(3, 5, 3)
-    bn = torch.nn.BatchNorm2d(5, momentum=0.1)
-    model = torch.nn.Sequential(conv, bn, torch.nn.ReLU())
-    batches = [torch.randn(6, 3, 8, 8) * (i + 1) for i in range(3)]
-    bn.running_mean.fill_(7.0)
-    assert paper.recalibrate_batchnorm(model, batches) == 1
-    with torch.no_grad():
-        feats = [conv(x) for x in batches]
-    mean = torch.stack([f.mean(dim=(0, 2, 3)) for f in feats]).mean(0)
-    var = torch.stack([f.transpose(0, 1).flatten(1).var(dim=1, unbiased=True) for f in feats]).mean(0)
-    torch.testing.assert_close(bn.running_mean, mean, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(bn.running_var, var, rtol=1e-5, atol=1e-6)
-    assert bn.momentum == 0.1 and not model.training
-    assert paper.recalibrate_batchnorm(torch.nn.Linear(2, 2), batches) == 0
-
-
-def test_full_profile_trains_the_presets_as_they_are() -> None:
-    assert paper.FULL.baseline_max_steps is None and not paper.FULL.match_baseline_time
-    assert paper.FULL.overrides == ()
-    cfg = load_config("lipmdeq_large", list(paper.FULL.overrides))
-    assert paper._expected_steps(cfg, 50000) == 200 * (50000 // 128)
-    assert load_config("mdeq_large", list(paper.FULL.overrides)).train.pretrain_steps == 20000
-
-
 def test_resolve_data_prefers_explicit_then_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert paper.resolve_data(str(tmp_path))[:2] == ("cifar10", str(tmp_path))
     monkeypatch.setenv("LIPDEQ_DATA_DIR", str(tmp_path))
     assert paper.resolve_data(None)[:2] == ("cifar10", None)
     monkeypatch.delenv("LIPDEQ_DATA_DIR")
-    monkeypatch.setattr(paper, "_repo_shared_cifar", lambda: [tmp_path / "absent"])
     assert paper.resolve_data(None)[0] == "synthetic"
 
 
-def test_bad_arguments() -> None:
+def test_resolve_data_never_guesses_a_workspace_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A CIFAR-10 copy in ../shared/data beside the working directory is not picked up: the bench uses
+    only --data-dir or $LIPDEQ_DATA_DIR, and says plainly that it falls back to the synthetic set."""
+    batches = tmp_path / "shared" / "data" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    (batches / "test_batch").write_bytes(b"")
+    work = tmp_path / "checkout"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("LIPDEQ_DATA_DIR", raising=False)
+    dataset, data_dir, how = paper.resolve_data(None)
+    assert (dataset, data_dir) == ("synthetic", None)
+    assert "--data-dir" in how and "LIPDEQ_DATA_DIR" in how and "synthetic" in how
+    monkeypatch.setenv("LIPDEQ_DATA_DIR", "")  # set but empty: as unset
+    assert paper.resolve_data(None)[0] == "synthetic"
+    assert paper.resolve_data("")[0] == "synthetic"
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    out = tmp_path / "unused"
     with pytest.raises(ValueError, match="profile"):
-        paper.run(Path("unused"), profile="medium", verbose=False)
+        paper.run(out, profile="medium", verbose=False)
     with pytest.raises(ValueError, match="max_steps_override"):
-        paper.run(Path("unused"), max_steps_override=1, verbose=False)
+        paper.run(out, max_steps_override=1, verbose=False)
+    with pytest.raises(ValueError, match="num_threads"):
+        paper.run(out, num_threads=0, verbose=False)
+    assert not out.exists()  # refused before anything was written
+
+
+def test_missing_matplotlib_is_reported_before_any_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lipdeq.optional import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    out = tmp_path / "bench"
+    with pytest.raises(MissingExtraError, match=r"lipdeq\[plots\]"):
+        paper.run(out, profile="quick", device="cpu", verbose=False)
+    assert not out.exists()  # nothing trained, nothing written
