@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
+from lipdeq.checks import check_int, check_real
 from lipdeq.configs import load_config
 from lipdeq.data import load_dataset, to_float_normalized
 from lipdeq.errors import LipdeqError
@@ -139,14 +139,18 @@ def check_budget(seconds_per_model: float | None, steps: int | None) -> None:
     preset: thousands of steps, hours for mdeq_tiny.)
     """
     if steps is not None:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise DemoError(f"--steps must be a positive number of training steps per model, got {steps!r}")
+        try:
+            check_int("--steps", steps, minimum=1)
+        except (TypeError, ValueError):
+            raise DemoError(f"--steps must be a positive number of training steps per model, got {steps!r}") from None
         return
     if seconds_per_model is None:
         raise DemoError("the demo needs a budget: --seconds S (per model) or --steps N")
-    if (isinstance(seconds_per_model, bool) or not isinstance(seconds_per_model, int | float)
-            or not math.isfinite(seconds_per_model) or seconds_per_model <= 0):
-        raise DemoError(f"--seconds must be a positive, finite number of seconds per model, got {seconds_per_model!r}")
+    try:
+        check_real("--seconds", seconds_per_model, above=0.0)
+    except (TypeError, ValueError):
+        raise DemoError("--seconds must be a positive, finite number of seconds per model, "
+                        f"got {seconds_per_model!r}") from None
 
 
 def _claim_out_dir(out_dir: Path) -> None:

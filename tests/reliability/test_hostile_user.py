@@ -314,3 +314,48 @@ def test_meta_json_errors_name_the_file(trained_run, tmp_path):
     metas[0].unlink()
     with pytest.raises(LipdeqError, match="meta.json"):
         load_checkpoint(metas[0].parent)
+
+
+def test_run_stopped_before_its_first_checkpoint_restarts_on_resume(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(LipdeqError, match="num_classes"):  # a run directory set up, then no checkpoint
+        train(load_config("lipmdeq_tiny", tiny_overrides(1, ["model.num_classes=3"])), run, progress=False)
+    (run / "metrics.jsonl").write_text("")  # as if killed before the first record
+    with pytest.warns(UserWarning, match="no checkpoint yet"):
+        result = train(load_config("lipmdeq_tiny", tiny_overrides(1)), run, resume=True, progress=False)
+    assert result.step == 1
+
+
+def test_resume_keeps_config_yaml_in_step_with_the_run(trained_run, tmp_path):
+    from lipdeq.training.rundir import CONFIG_FILE
+
+    run = _copy_run(trained_run, tmp_path / "run")
+    train(load_config("lipmdeq_tiny", tiny_overrides(3)), run, resume=True, progress=False)
+    assert load_config(run / CONFIG_FILE).train.max_steps == 3
+    with pytest.raises(LipdeqError, match=r"train\.batch_size"):
+        train(load_config("lipmdeq_tiny", tiny_overrides(4, ["train.batch_size=32"])), run, resume=True,
+              progress=False)
+    assert load_config(run / CONFIG_FILE).train.max_steps == 3  # a refused resume does not rewrite it
+
+
+def test_signal_during_the_final_evaluation_stops_within_a_batch(tmp_path, monkeypatch):
+    """Ctrl-C during the final evaluation used to wait for the whole evaluation (minutes for MDEQ)."""
+    import lipdeq.training.trainer as trainer
+
+    seen: list[dict] = []
+    real_evaluate = trainer.evaluate
+
+    def evaluate_after_a_signal(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)  # arrives as the evaluation starts
+        out = real_evaluate(*args, **kwargs)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate_after_a_signal)
+    result = train(load_config("lipmdeq_tiny", tiny_overrides(2, ["train.eval_batch_size=8"])), tmp_path / "run",
+                   progress=False)
+    assert seen and seen[0]["interrupted"] and seen[0]["num_images"] == 0
+    assert result.stopped_by == "signal:SIGINT" and result.final_eval == {}
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in records if r["kind"] == "eval"]  # a partial evaluation is not a result
+    assert load_checkpoint(tmp_path / "run").step == 2  # the final checkpoint is still written

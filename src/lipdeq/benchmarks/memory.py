@@ -34,6 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipdeq.configs import load_config
+from lipdeq.models import MultiscaleDEQ
+from lipdeq.solvers import SolverWarning
+from lipdeq.training.device import resolve_device
+
+FLAT_RATIO = 1.10  # "flat": memory at the largest cap / the smallest, at most (TARGETS["memory_ratio"])
+
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -173,18 +180,14 @@ def run(
     Returns ``{"preset", "device", "batch_size", "ift": [record per cap], "unrolled": [record per
     depth] (when ``unrolled_control``), "ratio_ift", "ratio_unrolled", "metric", "flat"}``; the
     ratios are the measured figure (CUDA peak on CUDA, else the saved-tensor footprint) at the
-    largest cap over the smallest; ``flat`` is ``ratio_ift <= 1.10``.
+    largest cap over the smallest; ``flat`` is ``ratio_ift <= FLAT_RATIO`` (1.10).
     """
-    from lipdeq.configs import load_config
-    from lipdeq.models import MultiscaleDEQ
-    from lipdeq.solvers import SolverWarning
-
     caps = [int(c) for c in f_thres]
     if len(caps) < 2 or any(c < 1 for c in caps):
         raise ValueError(f"f_thres must hold at least two positive caps, got {tuple(f_thres)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, 3, 32, 32, generator=gen).to(dev)
     y = torch.randint(0, 10, (batch_size,), generator=gen).to(dev)
@@ -206,7 +209,7 @@ def run(
     for mode, _ in modes:
         recs = result[mode]
         result[f"ratio_{mode}"] = recs[-1][metric] / recs[0][metric] if recs[0][metric] else float("nan")
-    result["flat"] = bool(result["ratio_ift"] <= 1.10)
+    result["flat"] = bool(result["ratio_ift"] <= FLAT_RATIO)
     return result
 
 
@@ -237,7 +240,7 @@ def format_report(results: dict[str, Any]) -> str:
         f"{results['ratio_ift']:.3f}x" + (
             f";  unrolled control {results['ratio_unrolled']:.2f}x" if "ratio_unrolled" in results else ""
         ),
-        f"target: within 10% (ratio <= 1.10): {'met' if results['flat'] else 'NOT met'}",
+        f"target: within {FLAT_RATIO - 1:.0%} (ratio <= {FLAT_RATIO:.2f}): {'met' if results['flat'] else 'NOT met'}",
         "saved MiB: distinct storages autograd keeps for backward (parameters excluded); RSS growth: peak "
         "resident-set growth during the step (coarse, CPU/Linux only); unrolled: pretrain_layers = f_thres.",
     ]

@@ -11,6 +11,7 @@ import copy
 import difflib
 import functools
 import os
+import reprlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, get_args
@@ -210,8 +211,14 @@ _TYPE_NAMES = {
 }
 
 
+_SHORT = reprlib.Repr()  # (keyword arguments need Python 3.12)
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 3, 4, 4, 40, 40
+
+
 def _describe(value: Any) -> str:
-    text = repr(value)
+    # reprlib stops at a few levels and items: a full repr of a deeply nested or aliased value (shared
+    # sublists) could be gigabytes long before it was shortened
+    text = _SHORT.repr(value)
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{type(value).__name__} {text}" if value is not None else "null"
@@ -290,6 +297,9 @@ def load_config(preset_or_path: str | os.PathLike[str], overrides: Sequence[str]
         )
     origin: dict[str, str] = {}
     text = os.fspath(preset_or_path)
+    if not text.strip():
+        raise ConfigError(f"the configuration name is empty: give a preset ({', '.join(list_presets())}) "
+                          "or a YAML file")
     is_preset = not isinstance(preset_or_path, os.PathLike) and not _is_path_syntax(text)
     if is_preset and text in list_presets():
         data = _deep_merge({}, _preset_raw(text), f"preset {text!r}", origin)
@@ -339,6 +349,10 @@ def config_from_dict(
     Stored configurations may hold :data:`RETIRED_KEYS` (never read by any version); they are
     dropped first, so checkpoints of earlier versions still load.
     """
+    if isinstance(overrides, str):
+        raise ConfigError(
+            f"overrides must be a sequence of 'key=value' strings, got the string {overrides!r}"
+        )
     origin: dict[str, str] = {}
     merged = _deep_merge({}, drop_retired_keys(data), what, origin)
     for item in overrides:

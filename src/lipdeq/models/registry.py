@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from lipdeq.models.config import ModelConfig
 from lipdeq.models.mdeq import MultiscaleDEQ
-from lipdeq.presets import list_presets, read_preset
+from lipdeq.presets import ConfigError, list_presets, read_preset
 
 
 def list_models() -> list[str]:
@@ -20,22 +20,23 @@ def model_config(name: str, **overrides: Any) -> ModelConfig:
     """The validated :class:`ModelConfig` of preset ``name`` with ``overrides`` applied.
 
     Raises:
-        ValueError: unknown preset name, unknown override key or wrong value type.
+        ConfigError: unknown preset name, unknown override key or wrong value type (a
+            ``ValueError`` too, as before).
     """
     names = list_models()
     if name not in names:
-        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(names)}")
+        raise ConfigError(f"unknown model {name!r}; registered models: {', '.join(names)}")
     section = read_preset(name).get("model")
     if not isinstance(section, dict):
-        raise ValueError(f"preset {name!r} has no 'model:' mapping")
+        raise ConfigError(f"preset {name!r} has no 'model:' mapping")
     unknown = sorted(set(overrides) - set(ModelConfig.model_fields))
     if unknown:
-        raise ValueError(f"unknown model option(s) {unknown} for {name!r}; known: {sorted(ModelConfig.model_fields)}")
+        raise ConfigError(f"unknown model option(s) {unknown} for {name!r}; known: {sorted(ModelConfig.model_fields)}")
     fields = {**section, "name": name, **overrides}
     try:
         return ModelConfig.model_validate(fields)
     except ValidationError as err:
-        raise ValueError(f"invalid configuration for model {name!r}: {err}") from None
+        raise ConfigError(f"invalid configuration for model {name!r}: {err}") from None
 
 
 def create_model(name: str, **overrides: Any) -> MultiscaleDEQ:

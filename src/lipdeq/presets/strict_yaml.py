@@ -73,8 +73,15 @@ def dump_yaml(data: Any) -> str:
 def parse_yaml(text: str, source: str) -> Any:
     """Parse ``text`` strictly; a syntax error or duplicate key raises :class:`ConfigError` naming
     ``source`` (a file, preset or override) with line and column."""
+    loader = _StrictLoader(text)
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expanded_size(node, source)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"YAML error in {source}: nested too deeply") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark else source
@@ -82,3 +89,39 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"YAML error in {where}: {problem}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"YAML error in {source}: {exc}") from None
+    finally:
+        loader.dispose()
+
+
+MAX_EXPANDED_NODES = 100_000
+"""Largest number of YAML nodes a document may stand for once its aliases are expanded (a
+configuration has a few hundred). Aliases share nodes, so a few hundred bytes of nested aliases can
+stand for 10^9 values, and anything that walks or prints them (validation, an error message) would
+take minutes and gigabytes: such a document is refused before it is constructed."""
+
+
+def _check_expanded_size(root: yaml.Node, source: str) -> None:
+    memo: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in memo:
+            return memo[key]
+        if key in open_nodes:
+            raise ConfigError(f"YAML error in {source}: a recursive alias (a value that contains itself)")
+        open_nodes.add(key)
+        if isinstance(node, yaml.SequenceNode):
+            n = 1 + sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            n = 1 + sum(size(k) + size(v) for k, v in node.value)
+        else:
+            n = 1
+        if n > MAX_EXPANDED_NODES:
+            raise ConfigError(f"YAML error in {source}: its aliases expand to more than {MAX_EXPANDED_NODES:,} "
+                              f"values (line {node.start_mark.line + 1}); a configuration needs a few hundred")
+        open_nodes.discard(key)
+        memo[key] = n
+        return n
+
+    size(root)

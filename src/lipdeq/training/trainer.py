@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lipdeq.configs import RunConfig
+from lipdeq.configs import ConfigError, RunConfig, config_from_dict
 from lipdeq.data import BatchIterator, load_dataset
 from lipdeq.errors import LipdeqError
 from lipdeq.models import MultiscaleDEQ
@@ -34,6 +34,7 @@ from lipdeq.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from lipdeq.training.compat import RESUME_SAFE, check_compatible
 from lipdeq.training.distributed import (
     DistContext,
     all_ranks_true,
@@ -42,7 +43,16 @@ from lipdeq.training.distributed import (
     setup_distributed,
 )
 from lipdeq.training.evaluate import evaluate
-from lipdeq.training.rundir import CHECKPOINT_DIR, METRICS_FILE, TENSORBOARD_DIR, prepare_run_dir
+from lipdeq.training.rundir import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    RunDirError,
+    config_written_by_lipdeq,
+    prepare_run_dir,
+    write_config,
+)
 from lipdeq.training.step import train_step, use_jacobian_penalty
 
 
@@ -188,14 +198,40 @@ def train(
     out_dir = Path(out_dir)
     ctx = setup_distributed(device)
     try:
+        if resume and find_latest(out_dir / CHECKPOINT_DIR) is None:
+            if not _holds_a_run(out_dir):
+                # most often a typo in --out: starting a new run there would look like a resumed one
+                raise RunDirError(f"nothing to resume in {out_dir}: it holds no lipdeq run (no checkpoint, no "
+                                  f"{METRICS_FILE}, no {CONFIG_FILE}); check --out, or drop --resume to start "
+                                  "a new run")
+            # a run that was stopped before its first checkpoint (a preempted job): start it again
+            warnings.warn(f"{out_dir} holds a run with no checkpoint yet: starting it again from step 0",
+                          stacklevel=2)
+            resume, overwrite = False, True
         if ctx.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-            # rank 0 locks the directory and writes config.yaml (the resolved configuration) first
-            with prepare_run_dir(out_dir, resume=resume, overwrite=overwrite, config=cfg.to_dict()):
+            # rank 0 locks the directory and writes config.yaml (the resolved configuration) first; a resumed
+            # run writes it only once the configuration is known to be compatible with the checkpoint's
+            with prepare_run_dir(out_dir, resume=resume, overwrite=overwrite,
+                                 config=None if resume else cfg.to_dict()):
                 return _train(cfg, out_dir, ctx, resume, progress, on_step)
         return _train(cfg, out_dir, ctx, resume, progress, on_step)
     finally:
         cleanup_distributed()
+
+
+def _holds_a_run(out_dir: Path) -> bool:
+    """True if ``out_dir`` has files that lipdeq writes into every run directory."""
+    return (out_dir / METRICS_FILE).exists() or config_written_by_lipdeq(out_dir / CONFIG_FILE)
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int, split: str) -> None:
+    """Refuse labels outside ``[0, num_classes)`` before anything is trained or written (the loss would
+    fail with an IndexError deep inside cross-entropy, after the run directory was set up)."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ConfigError(f"model.num_classes={num_classes} but the {split} labels range over "
+                          f"[{int(labels.min())}, {int(labels.max())}]: set model.num_classes to at least "
+                          f"{int(labels.max()) + 1}")
 
 
 def _train(
@@ -210,12 +246,14 @@ def _train(
     if t.num_threads is not None:
         torch.set_num_threads(t.num_threads)
     if t.batch_size % ctx.world_size:
-        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the {ctx.world_size} processes")
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {ctx.world_size} processes")
     dev = ctx.device
     torch.manual_seed(t.seed)
 
     train_x, train_y = load_dataset(d.dataset, "train", data_dir=d.data_dir, subset=d.train_subset, seed=t.seed)
     test_x, test_y = load_dataset(d.dataset, "test", data_dir=d.data_dir, subset=d.test_subset, seed=t.seed)
+    _check_labels(train_y, cfg.model.num_classes, "training")
+    _check_labels(test_y, cfg.model.num_classes, "test")
     loader = BatchIterator(
         train_x, train_y, t.batch_size // ctx.world_size, shuffle=True, augment=d.augment,
         seed=t.seed, drop_last=True, rank=ctx.rank, world_size=ctx.world_size,
@@ -232,8 +270,13 @@ def _train(
     step, skipped, nonfinite_in_row = 0, 0, 0
     ckpt_dir = out_dir / CHECKPOINT_DIR
     latest = find_latest(ckpt_dir) if resume else None
-    if latest is not None:  # resume on an empty directory starts afresh (convenient for preemptible jobs)
+    if latest is not None:  # (train() has turned a resume without checkpoint into an error or a fresh start)
         ck = load_checkpoint(latest, expected_model_name=cfg.model.name, map_location=dev)
+        # The saved position counts batches of the stored size in the stored data order, and the weights
+        # belong to the stored model: only changes that extend or observe the run are allowed.
+        stored = config_from_dict(ck.config, what=f"configuration stored in {ck.path}")
+        check_compatible(stored.to_dict(), cfg.to_dict(), allowed=RESUME_SAFE, what="resuming",
+                         source=str(ck.path))
         model.load_state_dict(ck.model_state)
         optimizer.load_state_dict(ck.optimizer_state)
         extra = ck.extra_state
@@ -241,6 +284,10 @@ def _train(
         loader.load_state_dict(extra["data"])  # every rank is at the same position
         step, skipped = ck.step, extra.get("skipped_steps", 0)
         restore_rng_state(ck.rng_state)
+    if resume and ctx.is_main:
+        own = out_dir / CONFIG_FILE
+        if not own.exists() or config_written_by_lipdeq(own):  # never replace a file of the user's
+            write_config(out_dir, cfg.to_dict())
 
     net: nn.Module = model
     if ctx.distributed:
@@ -273,6 +320,10 @@ def _train(
     final_eval: dict[str, Any] = {}
     gate = _SolverWarningGate()
     with _StopSignal() as stop:
+
+        def stopping() -> bool:
+            return stop.received is not None
+
         while step < max_steps and loader.epoch < t.epochs:
             epoch = loader.epoch
             net.train()
@@ -336,16 +387,26 @@ def _train(
                 stopped_by = "max_seconds"
                 break
             if (epoch + 1) % t.eval_every_epochs == 0 and ctx.is_main:
-                final_eval = evaluate(model, test_x, test_y, batch_size=t.eval_batch_size, device=dev, amp=use_amp)
-                writer.write({"kind": "eval", "step": step, "epoch": epoch, **_scalars(final_eval)})
+                final_eval = evaluate(model, test_x, test_y, batch_size=t.eval_batch_size, device=dev, amp=use_amp,
+                                      should_stop=stopping)
+                if final_eval.get("interrupted"):  # a partial evaluation is not a result
+                    final_eval = {}
+                else:
+                    writer.write({"kind": "eval", "step": step, "epoch": epoch, **_scalars(final_eval)})
             if (epoch + 1) % t.checkpoint_every_epochs == 0:
                 last_ckpt = checkpoint() or last_ckpt
         if bar is not None:
             bar.close()
         if ctx.is_main and not stop.received:
-            final_eval = evaluate(model, test_x, test_y, batch_size=t.eval_batch_size, device=dev, amp=use_amp)
-            final_eval["certificate"] = model.lipschitz_bound().value
-            writer.write({"kind": "eval", "step": step, "epoch": loader.epoch, **_scalars(final_eval)})
+            final_eval = evaluate(model, test_x, test_y, batch_size=t.eval_batch_size, device=dev, amp=use_amp,
+                                  should_stop=stopping)
+            if final_eval.get("interrupted"):  # SIGINT/SIGTERM during the final evaluation: stop now
+                final_eval = {}
+            else:
+                final_eval["certificate"] = model.lipschitz_bound().value
+                writer.write({"kind": "eval", "step": step, "epoch": loader.epoch, **_scalars(final_eval)})
+        if stop.received:
+            stopped_by = f"signal:{stop.received}"
         last_ckpt = checkpoint() or last_ckpt
     writer.close()
     return TrainResult(out_dir, step, loader.epoch, stopped_by, final_eval, skipped, last_ckpt, train_seconds, model)

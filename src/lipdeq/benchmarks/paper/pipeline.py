@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from lipdeq.benchmarks import memory
 from lipdeq.benchmarks.paper.compare import compare_pair, median, summary_and_targets
 from lipdeq.benchmarks.paper.plots import write_plots
 from lipdeq.benchmarks.paper.profiles import PROFILES, Profile
@@ -23,8 +24,12 @@ from lipdeq.benchmarks.paper.report import format_markdown
 from lipdeq.benchmarks.paper.running import BenchData, TrainedRun, expected_steps, measure_run, train_with_snapshots
 from lipdeq.benchmarks.paper.sweep import run_sweep
 from lipdeq.checks import check_int
+from lipdeq.configs import load_config
+from lipdeq.data import DATA_DIR_ENV, load_dataset, resolve_data_dir, to_float_normalized
 from lipdeq.jsonsafe import json_safe
 from lipdeq.optional import pyplot
+from lipdeq.solvers import SolverWarning
+from lipdeq.training.device import resolve_device
 
 __all__ = ["resolve_data", "run"]
 
@@ -38,8 +43,6 @@ def resolve_data(data_dir: str | os.PathLike[str] | None) -> tuple[str, str | No
     directory is ``None`` here); with neither, the embedded synthetic set, and ``how`` says so (it is
     logged and written to results.json's ``data_source`` and results.md). No other place is searched.
     """
-    from lipdeq.data import DATA_DIR_ENV, resolve_data_dir
-
     if data_dir is not None and str(data_dir) != "":
         return "cifar10", str(data_dir), "--data-dir"
     if resolve_data_dir(None) is not None:
@@ -92,8 +95,6 @@ def run(
 
 def _load_data(prof: Profile, ref_cfg: Any, dev: torch.device) -> BenchData:
     """The training set and the fixed batches (probe, BatchNorm calibration, traces) of every model."""
-    from lipdeq.data import load_dataset, to_float_normalized
-
     seed, d = ref_cfg.train.seed, ref_cfg.data
     test_x, test_y = load_dataset(d.dataset, "test", data_dir=d.data_dir, subset=prof.test_subset, seed=seed)
     train_x, train_y = load_dataset(d.dataset, "train", data_dir=d.data_dir, subset=d.train_subset, seed=seed)
@@ -120,9 +121,6 @@ def _run(
     profile_options: dict[str, Any] | None,
     verbose: bool,
 ) -> dict[str, Any]:
-    from lipdeq.configs import load_config
-    from lipdeq.solvers import SolverWarning
-
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {tuple(PROFILES)}, got {profile!r}")
     prof = dataclasses.replace(PROFILES[profile], **(profile_options or {}))
@@ -131,7 +129,7 @@ def _run(
     pyplot()  # the figures need matplotlib: say so now, not after hours of training
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     dataset, ddir, how = resolve_data(data_dir)
 
     def log(msg: str) -> None:
@@ -242,8 +240,6 @@ def _run(
 
         # -------- memory against the forward cap
         log("memory bench (mdeq_tiny, one training step per forward cap)")
-        from lipdeq.benchmarks import memory
-
         mem = memory.run(device=str(dev), f_thres=prof.memory_f_thres, batch_size=prof.memory_batch_size,
                          overrides=[o for o in overrides if o.startswith("model.")] if overrides else ())
         results["memory"] = mem

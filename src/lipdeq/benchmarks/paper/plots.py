@@ -34,9 +34,7 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> None:
         ax.set(xlabel="solver iteration (f evaluations)", ylabel="relative residual", title=f"{key}, trained weights")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "residuals.png", dpi=100)
-    plt.close(fig)
+    _save(plt, fig, out_dir / "residuals.png")
     # accuracy against wall-clock
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, m in models.items():
@@ -47,9 +45,7 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> None:
     ax.set(xlabel="training time (s, sum of step times)", ylabel="test accuracy", title="accuracy against wall-clock")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "accuracy_vs_time.png", dpi=100)
-    plt.close(fig)
+    _save(plt, fig, out_dir / "accuracy_vs_time.png")
     # iterations along training
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, m in models.items():
@@ -60,9 +56,7 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> None:
     ax.set(xlabel="training step", ylabel="solver iterations (batch mean)", title="iterations along training")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "iterations.png", dpi=100)
-    plt.close(fig)
+    _save(plt, fig, out_dir / "iterations.png")
     # sweep
     pts = results["sweep"]["points"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -82,6 +76,11 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> None:
     for ax in axes:
         ax.axvline(1.0, color="gray", ls=":", lw=1)
         ax.grid(alpha=0.3)
+    _save(plt, fig, out_dir / "sweep.png")
+
+
+def _save(plt: Any, fig: Any, path: Path) -> None:
+    """Lay out ``fig``, write it to ``path`` and free it."""
     fig.tight_layout()
-    fig.savefig(out_dir / "sweep.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -17,11 +17,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from lipdeq.benchmarks.memory import measure_training_step
 from lipdeq.benchmarks.paper.compare import median
 from lipdeq.benchmarks.paper.profiles import Profile
+from lipdeq.configs import config_from_dict
+from lipdeq.gradients import fixed_point
+from lipdeq.models import MultiscaleDEQ
 from lipdeq.solvers import Solution
+from lipdeq.training import evaluate, load_checkpoint, train
 from lipdeq.training.evaluate import recalibrate_batchnorm
 from lipdeq.training.rundir import CHECKPOINT_DIR
 
@@ -79,8 +84,6 @@ def solution_summary(prefix: str, sol: Solution | None) -> dict[str, float]:
 
 def model_from_state(cfg: Any, state: dict[str, torch.Tensor] | None, device: torch.device, seed: int) -> Any:
     """The model of ``cfg`` with the weights ``state`` (None: the trainer's initial weights of ``seed``)."""
-    from lipdeq.models import MultiscaleDEQ
-
     torch.manual_seed(seed)  # as the trainer builds its model: the init of step 0
     model = MultiscaleDEQ(cfg.model)
     if state is not None:
@@ -107,8 +110,6 @@ def probe(model: Any, x: torch.Tensor, y: torch.Tensor, seed: int) -> dict[str, 
 def evaluate_snapshot(model: Any, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                       device: torch.device, calib: Sequence[torch.Tensor] = ()) -> dict[str, Any]:
     """Accuracy (with its binomial standard error), inference time and certificate of ``model``."""
-    from lipdeq.training import evaluate
-
     recalibrate_batchnorm(model, calib)
     model.eval()
     cert = model.lipschitz_bound().value  # a one-off per set of weights: computed and cached before timing
@@ -131,8 +132,6 @@ def residual_traces(model: Any, x: torch.Tensor, y: torch.Tensor, iters: int) ->
     ``iters`` iterations; the adjoint solve is the IFT backward of the cross-entropy. Returns
     ``{"forward": T x B, "backward": T x B}`` lists (row t: after evaluation t + 1).
     """
-    from lipdeq.gradients import fixed_point
-
     model.eval()
     cfg = model.cfg
     with model.cached_weights():
@@ -150,15 +149,11 @@ def residual_traces(model: Any, x: torch.Tensor, y: torch.Tensor, iters: int) ->
 
 
 def _save_state(state: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(path))
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     return load_file(str(path))
 
 
@@ -177,9 +172,6 @@ def train_with_snapshots(
     The checkpoint interval is the greatest common divisor of both, so that each snapshot is a copy
     of the trainer's own checkpoint at that step (checked), not a re-run.
     """
-    from lipdeq.configs import config_from_dict
-    from lipdeq.training import load_checkpoint, train
-
     every = max(int(every), 1)
     ck_every = every
     for t in targets:

@@ -18,6 +18,9 @@ import torch
 from lipdeq.benchmarks.paper.compare import median, ratio
 from lipdeq.benchmarks.paper.profiles import Profile
 from lipdeq.benchmarks.paper.running import evaluate_snapshot, model_from_state, solution_summary
+from lipdeq.data import BatchIterator, load_dataset
+from lipdeq.training import step as training_step  # train_step looked up per call (tests count the calls)
+from lipdeq.training.trainer import build_optimizer
 
 __all__ = ["run_sweep", "sweep_points"]
 
@@ -38,9 +41,6 @@ def _sync(dev: torch.device) -> None:
 def _train_point(model: Any, cfg: Any, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                  dev: torch.device) -> list[dict[str, Any]]:
     """Train ``model`` one step per batch; per step its time, loss, skip flag and solver statistics."""
-    from lipdeq.training.step import train_step, use_jacobian_penalty
-    from lipdeq.training.trainer import build_optimizer
-
     opt = build_optimizer(model, cfg)
     steps: list[dict[str, Any]] = []
     model.train()
@@ -50,8 +50,8 @@ def _train_point(model: Any, cfg: Any, batches: Sequence[tuple[torch.Tensor, tor
         _sync(dev)
         t0 = time.perf_counter()
         pretrain = done < cfg.train.pretrain_steps
-        use_jac = use_jacobian_penalty(cfg.train, done, 0, pretrain)
-        res = train_step(model, model, x, y, opt, cfg, pretrain=pretrain, use_jac=use_jac)
+        use_jac = training_step.use_jacobian_penalty(cfg.train, done, 0, pretrain)
+        res = training_step.train_step(model, model, x, y, opt, cfg, pretrain=pretrain, use_jac=use_jac)
         _sync(dev)
         dt = time.perf_counter() - t0
         done += int(res.finite)
@@ -70,8 +70,6 @@ def run_sweep(prof: Profile, config: Callable[..., Any], train_x: torch.Tensor, 
     ``config(preset, overrides)`` builds a run configuration as the rest of the bench does;
     ``base_step_time`` / ``base_inference`` are the baseline's figures the speed-ups are taken against.
     """
-    from lipdeq.data import BatchIterator, load_dataset
-
     ref = config(prof.sweep_preset)
     reference = {k: getattr(ref.model, k) for k, _ in prof.sweep_knobs}
     d = ref.data
