@@ -21,10 +21,8 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,18 @@ from torch import nn
 
 from lipdeq import atomic
 from lipdeq.checks import check_int
-from lipdeq.errors import LipdeqError
+from lipdeq.training.checkpoint_format import (
+    CHECKPOINT_FORMAT,
+    KNOWN_FILES,
+    LATEST_FILE,
+    META_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    TAG_RE,
+    Checkpoint,
+    CheckpointError,
+)
 from lipdeq.training.codec import decode, dedup_tensors, encode
 from lipdeq.training.rng import capture_rng_state, restore_rng_state
 from lipdeq.training.rundir import CHECKPOINT_DIR
@@ -51,64 +60,6 @@ __all__ = [
     "restore_rng_state",
     "save_checkpoint",
 ]
-
-CHECKPOINT_FORMAT = "lipdeq-checkpoint-v1"
-META_FILE = "meta.json"
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-RNG_FILE = "rng.safetensors"
-LATEST_FILE = "latest"
-_KNOWN_FILES = (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE)
-_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # never '@', the separator of lipdeq.atomic's hidden names
-
-
-class CheckpointError(LipdeqError, ValueError):
-    """A checkpoint cannot be written or read: not a checkpoint, corrupt, wrong model, missing file."""
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A verified checkpoint: tensors ready for ``load_state_dict`` plus the metadata of ``meta.json``.
-
-    ``optimizer_state`` is reassembled for ``optimizer.load_state_dict`` (its tensors stay on CPU;
-    the optimizer moves them to each parameter's device). ``rng_state`` is for
-    :func:`restore_rng_state`.
-    """
-
-    model_state: dict[str, torch.Tensor]
-    optimizer_state: dict[str, Any] | None
-    rng_state: dict[str, torch.Tensor] | None
-    meta: dict[str, Any]
-    path: Path
-
-    @property
-    def step(self) -> int:
-        """Optimizer steps taken when the checkpoint was written."""
-        return int(self.meta["step"])
-
-    @property
-    def epoch(self) -> int:
-        """Epoch counter when the checkpoint was written."""
-        return int(self.meta["epoch"])
-
-    @property
-    def model_name(self) -> str:
-        """Name of the model the weights belong to."""
-        return str(self.meta["model_name"])
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """The full run configuration saved with the checkpoint."""
-        return self.meta["config"]
-
-    @property
-    def extra_state(self) -> dict[str, Any]:
-        """The JSON-safe extra state (data iterator position etc.)."""
-        try:
-            return decode(self.meta["extra_state"], None, "extra_state")
-        except KeyError as exc:  # a tensor marker: extra_state never holds tensors
-            raise CheckpointError(f"{self.path / META_FILE}: {exc.args[0]}") from None
-
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -136,7 +87,7 @@ def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
 
 
 def _check_tag(tag: str) -> None:
-    if not isinstance(tag, str) or not _TAG_RE.match(tag) or tag == LATEST_FILE:
+    if not isinstance(tag, str) or not TAG_RE.match(tag) or tag == LATEST_FILE:
         raise ValueError(
             f"tag={tag!r} is not a valid checkpoint tag: use letters, digits, '_', '.', '-' "
             f"(not starting with '.', and not {LATEST_FILE!r})"
@@ -363,7 +314,7 @@ def _read_meta(meta_path: Path) -> dict[str, Any]:
     ok = (
         isinstance(files, dict)
         and MODEL_FILE in files
-        and all(name in _KNOWN_FILES for name in files)
+        and all(name in KNOWN_FILES for name in files)
         and all(isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in files.values())
         and isinstance(meta.get("model_name"), str)
         and isinstance(meta.get("step"), int)
