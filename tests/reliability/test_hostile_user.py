@@ -120,6 +120,21 @@ def test_per_sample_map_is_not_flagged():
     assert bool(sol.converged.all())
 
 
+def test_a_sample_whose_norm_overflowed_is_not_read_as_coupling():
+    """A sample stopped on an overflowing ||f(z)|| keeps an infinite residual: that is not a moving one."""
+    import warnings
+
+    def f(z):
+        out = 0.9 * z + 1.0
+        out[0] = z[0] * 1e30 + 1e30
+        return out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SolverWarning)
+        sol = solve(f, torch.zeros(2, 3), method="picard", tol=1e-6, stop_mode="abs", max_iter=50)
+    assert [int(s) for s in sol.status] == [2, 1]  # DIVERGED, MAX_ITER
+
+
 # ---------------------------------------------------------------- 3. evaluation overrides change the model
 def test_eval_refuses_overrides_that_change_the_model(trained_run):
     with pytest.raises(LipdeqError, match=r"model\.relu_slope"):

@@ -147,10 +147,13 @@ def drive(
     all_active = True
     # Per-sample stopping assumes f acts on each sample alone. A sample that stopped keeps its state, so
     # f must keep giving it the same residual while the others move; if it does not, f couples the
-    # samples and the per-sample verdicts and bounds do not hold (checked on tensors, synced once at the end).
-    stop_abs = inf.clone()
-    coupled = torch.zeros(B, dtype=torch.bool, device=dev)
+    # samples and the per-sample verdicts and bounds do not hold. Nothing of this runs until a sample has
+    # stopped with others still active (never in a batch that stops at once), and its one extra host
+    # synchronisation comes at the end, only then.
+    stop_abs: torch.Tensor | None = None  # residual of each frozen state, recorded when it stopped
+    coupled: torch.Tensor | None = None
     slack = 64 * torch.finfo(torch.bfloat16 if torch.is_autocast_enabled() else dt).eps
+    n_was_active = B
 
     n_f = 0
     while True:
@@ -173,10 +176,10 @@ def drive(
         else:  # cert: the a-posteriori bound L/(1-L) ||f(z)-z|| on ||f(z) - z*||
             crit = cert_scale * abs_r
 
-        if n_f > 1:
-            frozen = ~active & (status != NON_FINITE)
+        if stop_abs is not None:
+            frozen = ~active & (stop_abs < math.inf)  # not samples that stopped on a non-finite f(z)
             moved = ~finite | ((abs_r - stop_abs).abs() > 1e-3 * stop_abs + slack * fz_norm)
-            coupled |= frozen & moved
+            coupled = frozen & moved if coupled is None else coupled | (frozen & moved)
         # Status logic on (B,) tensors, kept to few kernels. Only active samples may change anything.
         ok = active & finite
         improved = ok & (crit < best_crit)
@@ -191,7 +194,6 @@ def drive(
         diverged = ok & ((abs_r > divergence_factor * min_abs) | (fz_norm > size_limit))
         min_abs = torch.where(ok, torch.minimum(min_abs, abs_r), min_abs)
         converged = ok & (best_crit < tol)
-        stop_abs = torch.where(diverged | converged, abs_r, stop_abs)  # the residual of the frozen state
         nonfinite = active ^ ok  # = active & ~finite
         status = status.masked_fill(nonfinite, NON_FINITE).masked_fill(diverged, DIVERGED)
         status = status.masked_fill(converged, CONVERGED)
@@ -200,7 +202,7 @@ def drive(
             last_rel = torch.where(active, rel_r, last_rel)
             abs_trace.append(last_abs)
             rel_trace.append(last_rel)
-        active = ok & ~(diverged | converged)
+        was_active, active = active, ok & ~(diverged | converged)
 
         # The one host synchronisation of the iteration.
         n_active, n_finite, n_improved = torch.stack([active, finite, improved]).sum(dim=1).tolist()
@@ -217,12 +219,15 @@ def drive(
             g = torch.where(finite[:, None], g, 0.0) if out is None else g.masked_fill_(~finite[:, None], 0.0)
         if n_active == 0 or n_f >= max_iter:
             break
+        if n_active < n_was_active:  # samples stopped now and are frozen from here on
+            stop_abs = torch.where(was_active & ~active, abs_r, inf if stop_abs is None else stop_abs)
+        n_was_active = n_active
         z_next = stepper.step(z, fz, g)
         all_active = all_active and n_active == B
         z = z_next if all_active else torch.where(active[:, None], z_next, z)
 
     error_bound = None if cert_scale is None else cert_scale * best_abs
-    n_coupled = int(coupled.sum()) if B > 1 else 0
+    n_coupled = 0 if coupled is None else int(coupled.sum())
     if n_coupled:
         # Nothing per-sample can be trusted: no certified bounds, and no verdict for the samples whose
         # residual moved after they stopped.
