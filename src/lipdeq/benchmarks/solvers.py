@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lipdeq.solvers import solve
+from lipdeq.training.device import resolve_device
 
 CHANNELS, SIZES = 24, (32, 16)
 METHODS = ("anderson", "picard", "broyden", "torchdeq_anderson")
@@ -147,7 +148,7 @@ def run(
     max_iter: int = 30,
     repeats: int = 3,
     seed: int = 0,
-    device: str = "cpu",
+    device: str | None = "cpu",
 ) -> dict:
     """Time our solvers and TorchDEQ's Anderson on the benchmark map; returns a dict of figures.
 
@@ -160,7 +161,7 @@ def run(
     per solve over TorchDEQ's (None when torchdeq is not installed). Nothing is printed; see
     :func:`format_report`.
     """
-    dev = torch.device(device)
+    dev = resolve_device(device)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     methods, torchdeq_version = METHODS, _torchdeq_version()
     if torchdeq_version is None:
