@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -25,3 +27,23 @@ def tiny_overrides(steps: int, extra: list[str] | tuple[str, ...] = ()) -> list[
 def overrides() -> Callable[..., list[str]]:
     """``overrides(steps, extra=())``: the tiny synthetic run's ``--set`` values."""
     return tiny_overrides
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A 2-step lipmdeq_tiny run (small widths, synthetic data) with a final checkpoint. Shared: tests
+    that change a run work on :func:`copy_run` of it."""
+    from lipdeq.configs import load_config
+    from lipdeq.training import train
+
+    run = tmp_path_factory.mktemp("trained") / "run"
+    result = train(load_config("lipmdeq_tiny", tiny_overrides(2)), run, progress=False)
+    assert result.step == 2
+    return run
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A copy of run directory ``src`` at ``dst`` that a test may change (without a lock file)."""
+    shutil.copytree(src, dst)
+    (dst / ".lock").unlink(missing_ok=True)
+    return dst

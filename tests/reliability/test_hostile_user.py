@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import signal
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,16 +18,7 @@ from lipdeq.models import create_model
 from lipdeq.solvers import SolverWarning, solve
 from lipdeq.training import evaluate_checkpoint, load_checkpoint, train
 
-from .conftest import SMALL_MODEL, tiny_overrides
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    """A 2-step lipmdeq_tiny run (small widths, synthetic data) with a final checkpoint."""
-    run = tmp_path_factory.mktemp("hostile") / "run"
-    result = train(load_config("lipmdeq_tiny", tiny_overrides(2)), run, progress=False)
-    assert result.step == 2
-    return run
+from .conftest import SMALL_MODEL, copy_run, tiny_overrides
 
 
 # ---------------------------------------------------------------- 1. a stale certificate
@@ -151,14 +141,6 @@ def test_eval_accepts_data_and_solver_overrides(trained_run):
 
 
 # ---------------------------------------------------------------- 4. resume ignores the stored configuration
-def _copy_run(src: Path, dst: Path) -> Path:
-    import shutil
-
-    shutil.copytree(src, dst)
-    (dst / ".lock").unlink(missing_ok=True)
-    return dst
-
-
 @pytest.mark.parametrize("change, key", [
     (["model.conv_cap=50.0", "model.relu_slope=1.0"], "model.conv_cap"),
     (["train.batch_size=32"], "train.batch_size"),
@@ -166,7 +148,7 @@ def _copy_run(src: Path, dst: Path) -> Path:
     (["data.train_subset=64"], "data.train_subset"),
 ])
 def test_resume_refuses_changes_that_alter_the_run(trained_run, tmp_path, change, key):
-    run = _copy_run(trained_run, tmp_path / "run")
+    run = copy_run(trained_run, tmp_path / "run")
     before = load_checkpoint(run).step
     with pytest.raises(LipdeqError, match=key.replace(".", r"\.")):
         train(load_config("lipmdeq_tiny", tiny_overrides(4, change)), run, resume=True, progress=False)
@@ -174,7 +156,7 @@ def test_resume_refuses_changes_that_alter_the_run(trained_run, tmp_path, change
 
 
 def test_resume_accepts_safe_changes(trained_run, tmp_path):
-    run = _copy_run(trained_run, tmp_path / "run")
+    run = copy_run(trained_run, tmp_path / "run")
     result = train(load_config("lipmdeq_tiny", tiny_overrides(3, ["train.log_every=2"])), run, resume=True,
                    progress=False)
     assert result.step == 3
@@ -194,7 +176,7 @@ def test_demo_does_not_overwrite_a_training_run(trained_run, tmp_path):
     from lipdeq.demo import run_demo
 
     out = tmp_path / "runs"
-    user_run = _copy_run(trained_run, out / "lipmdeq_tiny")
+    user_run = copy_run(trained_run, out / "lipmdeq_tiny")
     before = sorted(p.relative_to(user_run) for p in user_run.rglob("*"))
     with pytest.raises(LipdeqError, match="lipmdeq_tiny"):
         run_demo(out, steps=1, extra_overrides=SHRINK)
@@ -318,7 +300,7 @@ def test_model_input_checks(make, match):
 
 
 def test_meta_json_errors_name_the_file(trained_run, tmp_path):
-    run = _copy_run(trained_run, tmp_path / "run")
+    run = copy_run(trained_run, tmp_path / "run")
     metas = sorted((run / "checkpoints").rglob("meta.json"))
     assert metas
     meta = json.loads(metas[0].read_text())
@@ -344,7 +326,7 @@ def test_run_stopped_before_its_first_checkpoint_restarts_on_resume(tmp_path):
 def test_resume_keeps_config_yaml_in_step_with_the_run(trained_run, tmp_path):
     from lipdeq.training.rundir import CONFIG_FILE
 
-    run = _copy_run(trained_run, tmp_path / "run")
+    run = copy_run(trained_run, tmp_path / "run")
     train(load_config("lipmdeq_tiny", tiny_overrides(3)), run, resume=True, progress=False)
     assert load_config(run / CONFIG_FILE).train.max_steps == 3
     with pytest.raises(LipdeqError, match=r"train\.batch_size"):

@@ -29,25 +29,9 @@ from lipdeq.training import evaluate_checkpoint, load_checkpoint, train
 from lipdeq.training.checkpoint import CheckpointError
 from lipdeq.training.rundir import RunDirError
 
-from .conftest import tiny_overrides
+from .conftest import copy_run, tiny_overrides
 
 SMALL = dict(channels=[8, 8], head_channels=[4, 4], final_channels=16, num_groups=4)
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    """A 2-step lipmdeq_tiny run (small widths, synthetic data) with a final checkpoint."""
-    run = tmp_path_factory.mktemp("probe") / "run"
-    result = train(load_config("lipmdeq_tiny", tiny_overrides(2)), run, progress=False)
-    assert result.step == 2
-    return run
-
-
-def _copy_run(src: Path, dst: Path) -> Path:
-    import shutil
-
-    shutil.copytree(src, dst)
-    return dst
 
 
 def _contraction(dtype=torch.float64):
@@ -70,7 +54,7 @@ def _tiny_model() -> torch.nn.Module:
 def test_checkpoints_path_that_is_a_file_is_refused_before_training(trained_run, tmp_path):
     # Was: --resume found no checkpoint in the file, trained from step 0, appended unsaved steps to
     # metrics.jsonl and died at the first save with "File exists" (exit 1): the work was lost.
-    run = _copy_run(trained_run, tmp_path / "run")
+    run = copy_run(trained_run, tmp_path / "run")
     import shutil
 
     shutil.rmtree(run / "checkpoints")
@@ -89,7 +73,7 @@ def test_checkpoints_path_that_is_a_file_is_refused_before_training(trained_run,
 @pytest.mark.parametrize("key, value", [("step", -5), ("epoch", -1), ("step", True)])
 def test_meta_with_a_negative_or_boolean_position_is_refused(trained_run, tmp_path, key, value):
     # Was: a meta.json with step -5 resumed, trained, then crashed at the save with a ValueError traceback.
-    run = _copy_run(trained_run, tmp_path / "run")
+    run = copy_run(trained_run, tmp_path / "run")
     meta_path = run / "checkpoints" / "last" / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta[key] = value
@@ -231,7 +215,7 @@ def test_override_with_spaces_around_key_and_value():
     ("shape_mismatch", "weights do not fit model"),
 ])
 def test_run_directory_faults_are_named(trained_run, tmp_path, fault, match):
-    run = _copy_run(trained_run, tmp_path / "run")
+    run = copy_run(trained_run, tmp_path / "run")
     ck = run / "checkpoints"
     target: Path = run
     if fault == "latest_traversal":
@@ -259,7 +243,7 @@ def test_run_directory_faults_are_named(trained_run, tmp_path, fault, match):
 
 def test_symlinked_run_and_tag_directories_evaluate(trained_run, tmp_path):
     (tmp_path / "link").symlink_to(trained_run)
-    ck = _copy_run(trained_run, tmp_path / "run") / "checkpoints"
+    ck = copy_run(trained_run, tmp_path / "run") / "checkpoints"
     (ck / "other").symlink_to(trained_run / "checkpoints" / "last")
     (ck / "latest").write_text(json.dumps({"tag": "other", "step": 2, "epoch": 0}))
     for path in (tmp_path / "link", ck.parent):
@@ -267,7 +251,7 @@ def test_symlinked_run_and_tag_directories_evaluate(trained_run, tmp_path):
 
 
 def test_latest_pointer_step_is_not_trusted_over_meta(trained_run, tmp_path):
-    run = _copy_run(trained_run, tmp_path / "run")
+    run = copy_run(trained_run, tmp_path / "run")
     (run / "checkpoints" / "latest").write_text(json.dumps({"tag": "last", "step": 999, "epoch": 5}))
     assert load_checkpoint(run).step == 2
     result = train(load_config("lipmdeq_tiny", tiny_overrides(3)), run, resume=True, progress=False)

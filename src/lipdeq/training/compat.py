@@ -24,7 +24,6 @@ RESUME_SAFE = frozenset({
     "train.max_steps", "train.max_seconds", "train.log_every", "train.eval_every_epochs",
     "train.checkpoint_every_epochs", "train.checkpoint_every_steps", "train.eval_batch_size",
     "train.num_threads", "train.max_nonfinite_in_row", "train.compile", "train.amp",
-    "train.eval_precise_bn",
     "data.data_dir", "data.test_subset",
 })
 

@@ -228,10 +228,12 @@ def _holds_a_run(out_dir: Path) -> bool:
 def _check_labels(labels: torch.Tensor, num_classes: int, split: str) -> None:
     """Refuse labels outside ``[0, num_classes)`` before anything is trained or written (the loss would
     fail with an IndexError deep inside cross-entropy, after the run directory was set up)."""
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ConfigError(f"model.num_classes={num_classes} but the {split} labels range over "
-                          f"[{int(labels.min())}, {int(labels.max())}]: set model.num_classes to at least "
-                          f"{int(labels.max()) + 1}")
+    if not labels.numel():
+        return
+    low, high = (int(v) for v in torch.aminmax(labels))
+    if low < 0 or high >= num_classes:
+        raise ConfigError(f"model.num_classes={num_classes} but the {split} labels range over [{low}, {high}]: "
+                          f"set model.num_classes to at least {high + 1}")
 
 
 def _train(
