@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import lipdeq.cli
 import lipdeq.models.mdeq as mdeq_module
+import lipdeq.training.step as step_module
 import lipdeq.training.trainer as trainer_module
 from lipdeq.configs import load_config
 from lipdeq.training import CheckpointError, NonFiniteTrainingError, load_checkpoint, train
@@ -95,7 +96,7 @@ class Injector:
         real_fixed_point = mdeq_module.fixed_point
         monkeypatch.setattr(trainer_module, "MultiscaleDEQ", RecordingModel)
         monkeypatch.setattr(trainer_module, "build_optimizer", build_optimizer)
-        monkeypatch.setattr(trainer_module, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
+        monkeypatch.setattr(step_module, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
         monkeypatch.setattr(mdeq_module, "fixed_point", fixed_point)
 
     def same(self, a: int, b: int) -> bool:

@@ -10,7 +10,6 @@ statistics); counting such steps and deciding when to give up is the caller's bu
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +37,7 @@ class StepResult:
         finite: True when the update was applied; False when the step was skipped because the loss,
             the fixed point or a gradient was non-finite on some rank.
         loss: the total loss (cross-entropy plus the weighted Jacobian penalty), detached.
-        ce: the criterion's part (cross-entropy unless ``loss_fn`` says otherwise), detached.
+        ce: the cross-entropy part, detached.
         jac: the Jacobian penalty, detached (None when it was not computed).
         logits: the forward's logits, detached.
         solution: the model's forward :class:`Solution` (None while pretraining unrolled); after a
@@ -78,7 +77,6 @@ def train_step(
     pretrain: bool,
     use_jac: bool,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     ctx: DistContext | None = None,
     warning_gate: contextlib.AbstractContextManager[Any] | None = None,
 ) -> StepResult:
@@ -94,7 +92,6 @@ def train_step(
         pretrain: run the unrolled (pretraining) forward instead of the fixed-point solve.
         use_jac: add the Jacobian penalty (see :func:`use_jacobian_penalty`).
         scheduler: stepped after the optimizer on a finite step (None: no schedule).
-        loss_fn: the criterion ``loss_fn(logits, labels)`` (float32 logits); cross-entropy by default.
         ctx: the distributed context, so that every rank takes the same branch (None: one process).
         warning_gate: a re-entrant context entered around the forward and the backward (the
             trainer's solver-warning filter); None: warnings pass through.
@@ -110,7 +107,7 @@ def train_step(
     with gate, torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
         out = net(x, unrolled=pretrain, return_jac_loss=bool(use_jac))
     logits, jac = out if use_jac else (out, None)
-    ce = loss_fn(logits.float(), y)
+    ce = F.cross_entropy(logits.float(), y)
     loss = ce + t.jac_reg_weight * jac.float() if jac is not None else ce
     sol = model.last_solution
     bad_fixed_point = sol is not None and bool((sol.status == int(Status.NON_FINITE)).any())

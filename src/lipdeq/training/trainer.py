@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -335,7 +334,7 @@ def _train(
                 pretrain = step < t.pretrain_steps
                 use_jac = use_jacobian_penalty(t, step, epoch, pretrain)
                 result = train_step(model, net, x, y, optimizer, cfg, pretrain=pretrain, use_jac=use_jac,
-                                    scheduler=schedule, loss_fn=F.cross_entropy, ctx=ctx, warning_gate=gate)
+                                    scheduler=schedule, ctx=ctx, warning_gate=gate)
                 logits, ce, jac = result.logits, result.ce, result.jac
                 if not result.finite:  # no update was applied and the buffers are as before the step
                     skipped += 1
