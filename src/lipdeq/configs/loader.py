@@ -278,6 +278,12 @@ def _validate(data: dict[str, Any], origin: Mapping[str, str], what: str, hint: 
 # ------------------------------------------------------------------------------------------ loading
 
 
+def _check_overrides(overrides: Sequence[str]) -> None:
+    # a str is a Sequence[str] too: iterated, it would apply one override per letter
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides must be a sequence of 'key=value' strings, got the string {overrides!r}")
+
+
 def load_config(preset_or_path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> RunConfig:
     """Load a :class:`RunConfig` from a preset name or a YAML file, then apply ``key.sub=value`` overrides.
 
@@ -291,10 +297,7 @@ def load_config(preset_or_path: str | os.PathLike[str], overrides: Sequence[str]
     does). It is a record only, never a starting point: a file with ``preset: X`` and no ``base:``
     must be complete, so a dumped configuration loads back exactly as it was.
     """
-    if isinstance(overrides, str):
-        raise ConfigError(
-            f"overrides must be a sequence of 'key=value' strings, got the string {overrides!r}"
-        )
+    _check_overrides(overrides)
     origin: dict[str, str] = {}
     text = os.fspath(preset_or_path)
     if not text.strip():
@@ -349,10 +352,7 @@ def config_from_dict(
     Stored configurations may hold :data:`RETIRED_KEYS` (never read by any version); they are
     dropped first, so checkpoints of earlier versions still load.
     """
-    if isinstance(overrides, str):
-        raise ConfigError(
-            f"overrides must be a sequence of 'key=value' strings, got the string {overrides!r}"
-        )
+    _check_overrides(overrides)
     origin: dict[str, str] = {}
     merged = _deep_merge({}, drop_retired_keys(data), what, origin)
     for item in overrides:

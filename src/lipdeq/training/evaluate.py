@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipdeq.configs import ConfigError, config_from_dict
+from lipdeq.configs import config_from_dict
 from lipdeq.data import load_dataset, to_float_normalized
 from lipdeq.models import MultiscaleDEQ
 from lipdeq.solvers import sample_summary, status_counts
@@ -143,8 +143,6 @@ def evaluate_checkpoint(
     Returns the metrics of :func:`evaluate` plus ``model``, ``step``, ``certificate`` (the certified
     Lipschitz bound, ``inf`` for the baseline) and ``checkpoint``.
     """
-    if isinstance(overrides, str):  # would be iterated letter by letter ("override 'd' has no '='")
-        raise ConfigError(f"overrides must be a sequence of 'key=value' strings, got the string {overrides!r}")
     ck = load_checkpoint(path)
     what = f"configuration stored in {ck.path}"
     stored = config_from_dict(ck.config, what=what)
