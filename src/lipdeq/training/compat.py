@@ -73,9 +73,9 @@ def check_compatible(
     allowed_prefixes: tuple[str, ...] = (),
     what: str,
     source: str,
-) -> dict[str, tuple[Any, Any]]:
+) -> None:
     """Raise :class:`ConfigMismatchError` naming every key outside ``allowed`` that differs between
-    ``stored`` (the configuration saved in ``source``) and ``new``; return the allowed changes."""
+    ``stored`` (the configuration saved in ``source``) and ``new``."""
     allowed = frozenset(allowed)
     changes = changed_keys(stored, new)
     bad = {k: v for k, v in changes.items() if k not in allowed and not k.startswith(allowed_prefixes)}
@@ -85,7 +85,6 @@ def check_compatible(
             f"{what} may not change {', '.join(bad)} of the run stored in {source} ({listed}); "
             "use the stored values or start a new run in another directory"
         )
-    return changes
 
 
 def _show(value: Any) -> str:
