@@ -21,6 +21,9 @@ LAYOUT = {
     "num_groups": 8,
     "weight_norm": True,
     "post_gn_affine": False,
+    "explicit_norm": "batch",
+    "explicit_cap": None,
+    "conv_init_std": 0.01,
 }
 MDEQ = {
     "norm": "group",
@@ -114,10 +117,24 @@ EXPECTED = {
         },
         {"dataset": "cifar10", "augment": False},
     ),
+    # ours: lipmdeq_tiny with the stem and head constrained (docs/MATH.md section 9)
+    "lipmdeq_tiny_robust": (
+        {**LAYOUT, **LIP, **TINY, "dropout": 0.25, "explicit_norm": "mean_only", "explicit_cap": 1.0,
+         "conv_init_std": 0.05},
+        {
+            **ADAM,
+            "weight_decay": 2.5e-6,
+            "batch_size": 128,
+            "epochs": 50,
+            "pretrain_steps": 0,
+            "jac_reg_weight": 0.0,
+        },
+        {"dataset": "cifar10", "augment": False},
+    ),
 }
 
 
-def test_the_five_presets_are_shipped() -> None:
+def test_the_presets_are_shipped() -> None:
     assert list_presets() == sorted(EXPECTED)
 
 

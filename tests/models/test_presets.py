@@ -23,7 +23,8 @@ def test_parameter_counts_match_reference_code(name):
 
 
 def test_registry_lists_every_preset():
-    assert set(list_models()) == {"mdeq_tiny", "mdeq_large", "mdeq_large_reg", "lipmdeq_tiny", "lipmdeq_large"}
+    assert set(list_models()) == {"mdeq_tiny", "mdeq_large", "mdeq_large_reg", "lipmdeq_tiny", "lipmdeq_large",
+                                  "lipmdeq_tiny_robust"}
     with pytest.raises(ValueError, match="unknown model 'resnet'"):
         create_model("resnet")
     with pytest.raises(ValueError, match="unknown model option"):

@@ -338,9 +338,16 @@ def _env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1")
 
 
+def _default_sigint() -> None:
+    """Run in the child before exec: a test process started in the background inherits SIGINT
+    ignored, and Python then installs no KeyboardInterrupt handler, so the signal would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_during_startup_leaves_no_lock_and_no_traceback(tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cli(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(_cli(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            preexec_fn=_default_sigint)
     time.sleep(1.0)  # inside the imports and the set-up
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=180)
@@ -354,7 +361,8 @@ def test_sigint_during_startup_leaves_no_lock_and_no_traceback(tmp_path):
 
 def test_second_sigint_does_not_break_the_final_checkpoint(tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cli(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(_cli(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            preexec_fn=_default_sigint)
     deadline = time.monotonic() + 120
     while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 2):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()

@@ -58,8 +58,16 @@ class TrainConfig(BaseModel):
     seed: int = Field(42, ge=0)
     amp: Literal["none", "bf16"] = "none"
     compile: bool = False
+    # torch.compile mode of f when compile is on; CUDA-graph modes (reduce-overhead, max-autotune) need
+    # static shapes and apply to the graph-free forward solve only (lipdeq.models.compiled)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    channels_last: bool = False  # convs in channels-last memory format (model.use_channels_last)
     log_every: int = Field(10, ge=1)
     eval_every_epochs: int = Field(1, ge=1)
+    # Precise BN: training images to re-estimate BatchNorm statistics from before each evaluation
+    # (0: off). Without it eval-mode accuracy is at chance for the first ~100 steps (N(0, 0.01) init
+    # against the running statistics); 512 images cost ~5% of a full CIFAR-10 test evaluation.
+    eval_precise_bn: int = Field(512, ge=0)
     checkpoint_every_epochs: int = Field(1, ge=1)
     checkpoint_every_steps: int | None = Field(None, ge=1)
     max_nonfinite_in_row: int = Field(5, ge=1)

@@ -69,6 +69,7 @@ def fixed_point(
     b_solver_options: dict[str, Any] | None = None,
     return_trace: bool = False,
     warn_max_iter: bool = False,
+    check_every: int = 1,
 ) -> tuple[torch.Tensor, Solution]:
     """Solve ``z* = f(z*)`` and return it with gradients defined by implicit differentiation.
 
@@ -96,6 +97,8 @@ def fixed_point(
         return_trace: keep residual traces in the returned solutions.
         warn_max_iter: also warn when forward samples stop at ``f_max_iter`` (off by default: that is
             the normal regime of the MDEQ baseline).
+        check_every: host synchronisations of both solves every ``check_every`` iterations (see
+            :func:`lipdeq.solvers.solve`; the same result, up to ``check_every - 1`` more evaluations).
 
     Warns:
         SolverWarning: the forward solve left samples DIVERGED or NON_FINITE (or MAX_ITER with
@@ -124,6 +127,7 @@ def fixed_point(
             max_iter=f_max_iter,
             lipschitz=lipschitz,
             return_trace=return_trace,
+            check_every=check_every,
             **(solver_options or {}),
         )
     _warn_forward(sol, warn_max_iter)
@@ -171,6 +175,7 @@ def fixed_point(
             max_iter=b_max_iter,
             lipschitz=lipschitz,
             return_trace=return_trace,
+            check_every=check_every,
             **(b_solver_options if b_solver_options is not None else solver_options or {}),
         )
         sol.backward = bsol

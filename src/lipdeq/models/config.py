@@ -16,6 +16,18 @@ class ModelConfig(BaseModel):
     ``gn_cap=1``, ``conv_cap=2.0``, ``dropout_rescale=False``), and every point in between.
     Unknown keys and wrong types are rejected (strict validation).
 
+    ``explicit_norm`` and ``explicit_cap`` concern the parts outside f (stem, injection, head),
+    which never affect convergence but bound the whole classifier (certified robustness):
+    ``explicit_norm="batch"`` keeps MDEQ's BatchNorm layers (a finite but data-dependent bound in
+    eval mode), ``"mean_only"`` uses a one-group mean-only GroupNorm (gains clamped to ``gn_cap``),
+    ``"none"`` no norm (the convs get biases); ``explicit_cap`` caps the operator norm of every
+    conv there and of the linear classifier (``None``: unconstrained, MDEQ's N(0, 0.01) conv init;
+    with a cap each of them starts at the cap: a Gaussian kernel scaled to operator norm
+    ``explicit_cap``, zero bias, so that the signal is not lost before training starts). The
+    defaults leave every reference preset unchanged. ``conv_init_std`` is the std of the N(0, std^2)
+    init of every conv of f (MDEQ's 0.01, which makes f nearly zero at init: harmless when BatchNorm
+    in the head rescales its output, fatal to the signal without it).
+
     ``injection="auto"`` follows the executed reference code: the 1x1 conv + BN + ReLU injection
     module exists only for more than two branches (with two, the stem output is injected as is).
     """
@@ -44,9 +56,13 @@ class ModelConfig(BaseModel):
     fusion: Literal["sum", "softmax"] = "sum"
     gn_cap: float | None = Field(None, gt=0.0)
     conv_cap: float | None = Field(None, gt=0.0)
+    conv_init_std: float = Field(0.01, gt=0.0)  # N(0, std^2) init of f's convs (MDEQ: 0.01)
     cap_power_iterations: int = Field(1, ge=1)
     dropout_rescale: bool = True
     post_gn_affine: bool = False
+    # --- the explicit parts: stem, injection and head (docs/MATH.md section 9) ---
+    explicit_norm: Literal["batch", "mean_only", "none"] = "batch"
+    explicit_cap: float | None = Field(None, gt=0.0)
     # --- solver (f_thres / b_thres as in MDEQ) ---
     solver: Literal["anderson", "picard", "broyden"] = "anderson"
     f_thres: int = Field(22, ge=1)

@@ -40,12 +40,13 @@ def make_conv(
     stride: int = 1,
     use_weight_norm: bool = False,
 ) -> nn.Conv2d:
-    """A bias-free conv of f: N(0, 0.01) init, optional weight norm, then the operator-norm cap.
+    """A bias-free conv of f: N(0, conv_init_std^2) init (MDEQ's 0.01), optional weight norm, then the
+    operator-norm cap.
 
     The cap is registered after weight norm, so it constrains the weight the forward really uses.
     """
     conv = nn.Conv2d(c_in, c_out, kernel_size, stride=stride, padding=kernel_size // 2, bias=False)
-    nn.init.normal_(conv.weight, 0.0, 0.01)
+    nn.init.normal_(conv.weight, 0.0, cfg.conv_init_std)
     if use_weight_norm:
         weight_norm(conv, dim=0)
     if cfg.conv_cap is not None:
@@ -176,6 +177,9 @@ class MultiscaleLayer(nn.Module):
         self.post_fuse_layers = nn.ModuleList(PostFuse(cfg, c, s) for c, s in zip(cfg.channels, self.sizes))
         self.register_buffer("fusion_w", fusion_weights(n, cfg.fusion), persistent=False)
         self._fusion_scalars = self.fusion_w.tolist()  # plain floats for the forward (called every iteration)
+        # Order of the flat state: NCHW per branch (default) or NHWC (channels_last), so that unpack
+        # gives channels-last views without a copy when the convs run in that memory format.
+        self.channels_last = False
 
     @property
     def state_dim(self) -> int:
@@ -183,7 +187,10 @@ class MultiscaleLayer(nn.Module):
         return sum(math.prod(s) for s in self.shapes)
 
     def pack(self, zs: list[torch.Tensor]) -> torch.Tensor:
-        """Concatenate branch states ``(B, c_i, H_i, W_i)`` into a flat ``(B, D)`` state."""
+        """Concatenate branch states ``(B, c_i, H_i, W_i)`` into a flat ``(B, D)`` state (each branch
+        in NCHW order, or NHWC when :attr:`channels_last` is set)."""
+        if self.channels_last:
+            return torch.cat([z.permute(0, 2, 3, 1).flatten(1) for z in zs], dim=1)
         return torch.cat([z.flatten(1) for z in zs], dim=1)
 
     def unpack(self, z: torch.Tensor) -> list[torch.Tensor]:
@@ -191,6 +198,8 @@ class MultiscaleLayer(nn.Module):
         if z.dim() != 2 or z.shape[1] != self.state_dim:
             raise ValueError(f"expected a flat state of shape (B, {self.state_dim}), got {tuple(z.shape)}")
         parts = torch.split(z, [math.prod(s) for s in self.shapes], dim=1)
+        if self.channels_last:  # (B, H, W, C) data seen as (B, C, H, W) with channels-last strides
+            return [p.reshape(z.shape[0], h, w, c).permute(0, 3, 1, 2) for p, (c, h, w) in zip(parts, self.shapes)]
         return [p.reshape(z.shape[0], *s) for p, s in zip(parts, self.shapes)]
 
     def reset_dropout(self, zs: list[torch.Tensor], generator: torch.Generator | None = None) -> None:

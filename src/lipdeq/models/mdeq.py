@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -14,9 +14,12 @@ from lipdeq.errors import LipdeqError
 from lipdeq.gradients import fixed_point, jacobian_frobenius_penalty
 from lipdeq.lipschitz import LipschitzCertificate
 from lipdeq.models.certify import Mode, layer_certificate
+from lipdeq.models.compiled import CompiledStep, layer_step
 from lipdeq.models.config import ModelConfig
-from lipdeq.models.head import ClassificationHead, make_injection, make_stem
+from lipdeq.models.head import ClassificationHead, cap_explicit_parts, make_injection, make_stem
 from lipdeq.models.layer import MultiscaleLayer
+from lipdeq.models.network_certificate import network_bound
+from lipdeq.models.robustness import certified_radius_from_logits
 from lipdeq.solvers import Solution
 
 
@@ -36,14 +39,23 @@ class MultiscaleDEQ(nn.Module):
         super().__init__()
         self.cfg = cfg
         c0 = cfg.channels[0]
-        self.stem = make_stem(cfg.in_channels, c0)
+        norm, gcap = cfg.explicit_norm, cfg.gn_cap
+        self.stem = make_stem(cfg.in_channels, c0, norm, gcap)
         use_injection = cfg.injection == "conv" or (cfg.injection == "auto" and cfg.num_branches > 2)
-        self.injection = make_injection(c0) if use_injection else None
+        self.injection = make_injection(c0, norm, gcap) if use_injection else None
         self.layer = MultiscaleLayer(cfg)
-        self.head = ClassificationHead(cfg.channels, cfg.head_channels, cfg.final_channels, cfg.num_classes)
-        self._init_explicit_parts()
+        self.head = ClassificationHead(cfg.channels, cfg.head_channels, cfg.final_channels, cfg.num_classes,
+                                       norm, gcap)
+        if cfg.explicit_cap is None:
+            self._init_explicit_parts()
+        else:
+            # Capped explicit parts start at their caps: N(0, 0.01) would start every conv far below
+            # it, and without BatchNorm nothing would restore the vanishing signal.
+            cap_explicit_parts(self.stem, self.injection, self.head, self.layer.sizes, cfg.explicit_cap,
+                               cfg.cap_power_iterations)
         self.last_solution: Solution | None = None
         self._cert_cache: tuple[Any, LipschitzCertificate] | None = None
+        self.compiled_step: CompiledStep | None = None  # set by compile_f()
 
     def _init_explicit_parts(self) -> None:
         """MDEQ's init for stem, injection and head: conv N(0, 0.01), BN weight 1 and bias 0."""
@@ -96,6 +108,8 @@ class MultiscaleDEQ(nn.Module):
 
     def injection_of(self, x: torch.Tensor) -> torch.Tensor:
         """The input injection ``u`` of branch 1 (stem, then the optional injection module)."""
+        if self.layer.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         u = self.stem(x)
         return self.injection(u) if self.injection is not None else u
 
@@ -107,17 +121,18 @@ class MultiscaleDEQ(nn.Module):
         In training mode this draws the variational dropout masks, which stay fixed for every
         call of the returned ``f``. For speed, call it (and ``f``) inside :meth:`cached_weights`,
         so that weight norm and the operator-norm caps are computed once, not once per call.
+        After :meth:`compile_f`, ``f`` runs the compiled step; ``f(z, eager=True)`` runs the layer
+        eagerly (for double differentiation, which compiled graphs do not support).
         """
         self.check_input(x)
         u = self.injection_of(x)
         zs = [torch.zeros(x.shape[0], *shape, device=x.device, dtype=x.dtype) for shape in self.layer.shapes]
         if self.training:
             self.layer.reset_dropout(zs, generator=generator)
-        layer = self.layer
+        layer, step = self.layer, self.compiled_step
 
-        def f(z: torch.Tensor) -> torch.Tensor:
-            # Under bf16 autocast the layer computes in low precision; the state stays in z's dtype.
-            return layer.pack(layer(layer.unpack(z), u)).to(z.dtype)
+        def f(z: torch.Tensor, *, eager: bool = False) -> torch.Tensor:
+            return layer_step(layer, z, u) if step is None or eager else step(layer, z, u)
 
         return f, layer.pack(zs)
 
@@ -186,9 +201,25 @@ class MultiscaleDEQ(nn.Module):
             jac_loss = None
             if return_jac_loss:
                 z_in = z.detach().requires_grad_()
-                jac_loss = jacobian_frobenius_penalty(f(z_in), z_in, create_graph=self.training)
+                jac_loss = jacobian_frobenius_penalty(f(z_in, eager=True), z_in, create_graph=self.training)
         logits = self.head(self.layer.unpack(z))
         return (logits, jac_loss) if return_jac_loss else logits
+
+    def compile_f(self, mode: str = "default", *, backend: str = "inductor") -> None:
+        """Run f through ``torch.compile`` from now on (``train.compile``): one graph per mode, grad
+        state, autocast state and batch size, compiled on first use (``lipdeq.models.compiled``)."""
+        self.compiled_step = CompiledStep(mode, backend)
+
+    def use_channels_last(self, enabled: bool = True) -> None:
+        """Run the convs in channels-last memory format (``train.channels_last``): 4-D parameters
+        stored channels-last, images converted on entry, the flat state in NHWC order
+        (``layer.channels_last``) so that unpacking it gives channels-last views without a copy."""
+        fmt = torch.channels_last if enabled else torch.contiguous_format
+        with torch.no_grad():  # not self.to(memory_format=...): it refuses the caps' 5-D buffers
+            for p in self.parameters():
+                if p.dim() == 4:
+                    p.data = p.data.contiguous(memory_format=fmt)  # the same Parameter objects
+        self.layer.channels_last = enabled
 
     # ------------------------------------------------------------------ certificates and stats
     def _certified_tensors(self) -> list[torch.Tensor]:
@@ -212,16 +243,30 @@ class MultiscaleDEQ(nn.Module):
             for a, b in zip(saved, now)
         )
 
-    def lipschitz_bound(self, *, mode: Mode = "weights", strict: bool = False) -> LipschitzCertificate:
+    def lipschitz_bound(
+        self, *, mode: Mode = "weights", strict: bool = False, part: Literal["layer", "network"] = "layer"
+    ) -> LipschitzCertificate:
         """Certified upper bound of Lip(f) in z (l2, eval mode) with a per-part breakdown.
 
-        ``mode="weights"`` certifies the current weights (exact FFT operator norms);
+        ``part="network"`` bounds instead the whole classifier, from images in [0, 1] (before the
+        normalisation) to logits, l2, eval mode (docs/MATH.md section 9; the breakdown names the
+        stem, the equilibrium, the head and its branches); ``strict`` then concerns the layer
+        certificate it relies on.
+
+        ``mode="weights"`` certifies the current weights (exact FFT operator norms, chains of
+        linear maps bounded jointly, the eval-mode dropout factor: docs/MATH.md section 10.5);
         ``mode="hyper"`` uses only the hyperparameters (every conv at ``conv_cap``, every gamma at
         ``gn_cap``). The value is infinite, with a reason, for a model without a finite bound
         (standard GroupNorm). With ``strict=True`` a bound >= 1 raises NotAContractionError.
         """
         if mode not in ("weights", "hyper"):  # anything else used to certify the weights under its name
             raise ValueError(f"unknown certificate mode {mode!r}: use 'weights' or 'hyper'")
+        if part not in ("layer", "network"):
+            raise ValueError(f"unknown certificate part {part!r}: use 'layer' or 'network'")
+        if part == "network":
+            if strict:
+                self.lipschitz_bound(mode=mode, strict=True)
+            return network_bound(self, mode=mode).certificate
         if mode == "weights":
             if self._cache_is_current():
                 cert = self._cert_cache[1]
@@ -239,6 +284,29 @@ class MultiscaleDEQ(nn.Module):
                 "convergence is not guaranteed"
             )
         return cert
+
+    def certified_radius(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample certified l2 radius (B,), float64, of the predicted class, in pixel units.
+
+        ``x`` is the normalised batch that ``model(x)`` takes; the radius refers to the image in
+        [0, 1] before that normalisation: no perturbation of the [0, 1] image of l2 norm below the
+        radius changes the prediction of the true equilibrium classifier (docs/MATH.md section 9.5).
+        The model is evaluated in eval mode (restored afterwards); a sample whose solve did not
+        converge gets radius 0. A sample counts as certified at eps when it is classified correctly
+        and its radius is at least eps.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                logits = self(x)
+                sol = self.last_solution
+                bound = network_bound(self)
+        finally:
+            self.train(was_training)
+        if sol is None:
+            return torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        return certified_radius_from_logits(logits, bound, sol.error_bound, sol.converged)
 
     def solver_stats(self) -> dict[str, float]:
         """Summary of the last forward (and backward, once run) solve: :meth:`Solution.summary` with

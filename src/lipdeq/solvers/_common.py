@@ -80,12 +80,15 @@ def check_lipschitz(lipschitz: float | torch.Tensor | None, z: torch.Tensor) -> 
     return L.clone()
 
 
-def check_settings(tol: float, stop_mode: str, max_iter: int, divergence_factor: float, eps: float) -> None:
+def check_settings(
+    tol: float, stop_mode: str, max_iter: int, divergence_factor: float, eps: float, check_every: int = 1
+) -> None:
     """Validate the scalar settings shared by every method."""
     if stop_mode not in STOP_MODES:
         raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
     check_real("tol", tol, above=0.0)
     check_int("max_iter", max_iter, minimum=1)
+    check_int("check_every", check_every, minimum=1)
     check_real("divergence_factor", divergence_factor, above=1.0, finite=False)
     check_real("eps", eps, above=0.0, inclusive=True)
 
@@ -122,13 +125,18 @@ def drive(
     return_trace: bool,
     divergence_factor: float,
     eps: float,
+    check_every: int = 1,
 ) -> Solution:
     """Run a method to per-sample convergence on the flat state ``z`` (see :func:`lipdeq.solvers.solve`).
 
     Iteration ``k`` (``k = 1..max_iter``) evaluates ``f`` once on the whole batch at the current iterates.
     A sample that stops (converged, diverged, non-finite) keeps its iterate frozen from then on (updates
     are masked with ``torch.where``); the loop ends when no sample is active or after ``max_iter``
-    evaluations. The only host synchronisation per iteration is one small ``tolist()``.
+    evaluations. The only host synchronisation per iteration is one small ``tolist()``; with
+    ``check_every = k > 1`` it happens only every k-th iteration (and at ``max_iter``), the iterations in
+    between take the branch-free paths, and the loop notices that every sample stopped up to k - 1
+    evaluations late. Those evaluations change nothing (every sample is frozen and masked), so the
+    result equals that of ``check_every = 1`` except ``n_f_evals`` and the traces' length.
     """
     B = z.shape[0]
     dev, dt = z.device, z.dtype
@@ -204,13 +212,16 @@ def drive(
             rel_trace.append(last_rel)
         was_active, active = active, ok & ~(diverged | converged)
 
-        # The one host synchronisation of the iteration.
-        n_active, n_finite, n_improved = torch.stack([active, finite, improved]).sum(dim=1).tolist()
+        # The one host synchronisation of the iteration (every check_every-th); None: not known here.
+        if check_every == 1 or n_f % check_every == 0 or n_f >= max_iter:
+            n_active, n_finite, n_improved = torch.stack([active, finite, improved]).sum(dim=1).tolist()
+        else:
+            n_active = n_finite = n_improved = None
         if n_improved == B:
             best_fz = fz  # fz is never modified in place, so no copy is needed
-        elif n_improved:
+        elif n_improved is None or n_improved:
             best_fz = torch.where(improved[:, None], fz, best_fz)
-        if n_finite < B:
+        if n_finite is None or n_finite < B:
             rows_finite = torch.isfinite(fz).all(dim=1)
             status = status.masked_fill(nonfinite & rows_finite, DIVERGED)  # norm overflow
             # neutralise non-finite rows before any batched linear algebra of the method (best_fz is
@@ -219,9 +230,10 @@ def drive(
             g = torch.where(finite[:, None], g, 0.0) if out is None else g.masked_fill_(~finite[:, None], 0.0)
         if n_active == 0 or n_f >= max_iter:
             break
-        if n_active < n_was_active:  # samples stopped now and are frozen from here on
+        if n_active is None or n_active < n_was_active:  # samples (may have) stopped now: frozen from here on
             stop_abs = torch.where(was_active & ~active, abs_r, inf if stop_abs is None else stop_abs)
-        n_was_active = n_active
+        if n_active is not None:
+            n_was_active = n_active
         z_next = stepper.step(z, fz, g)
         all_active = all_active and n_active == B
         z = z_next if all_active else torch.where(active[:, None], z_next, z)

@@ -34,6 +34,7 @@ def solve(
     return_trace: bool = False,
     divergence_factor: float = 1e4,
     eps: float = 1e-5,
+    check_every: int = 1,
     **method_options: object,
 ) -> Solution:
     """Find a fixed point ``z* = f(z*)`` per sample, with per-sample stopping and status.
@@ -59,6 +60,10 @@ def solve(
             best iterate (or overflows), or whose ``||f(z)||`` exceeds this factor times
             ``max(||z0||, ||f(z0)||)`` (an iterate that ran off), stops with status DIVERGED.
         eps: the ``eps`` of the relative residual.
+        check_every: read the stopping state on the host (one synchronisation with an accelerator)
+            every ``check_every`` iterations instead of every one; the result is the same except that
+            up to ``check_every - 1`` evaluations may follow the last sample's stop (counted in
+            ``n_f_evals``, repeated in the traces).
         **method_options: the options of ``method`` listed above.
 
     Returns:
@@ -87,7 +92,7 @@ def solve(
         if key not in valid:
             names = ", ".join(valid)
             raise TypeError(f"unknown option {key!r} for method {method!r}; valid options: {names}")
-    check_settings(tol, stop_mode, max_iter, divergence_factor, eps)
+    check_settings(tol, stop_mode, max_iter, divergence_factor, eps, check_every)
     z = check_z0(z0)
     L = check_lipschitz(lipschitz, z)
     if stop_mode == "cert" and L is None:
@@ -110,6 +115,7 @@ def solve(
             return_trace=return_trace,
             divergence_factor=divergence_factor,
             eps=eps,
+            check_every=check_every,
         )
     sol.value = sol.value.view(z0.shape)
     sol.method = method

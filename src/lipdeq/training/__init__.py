@@ -14,7 +14,8 @@ from lipdeq.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from lipdeq.training.evaluate import evaluate, evaluate_checkpoint, recalibrate_batchnorm
+from lipdeq.training.evaluate import evaluate, evaluate_checkpoint
+from lipdeq.training.precise_bn import precise_batchnorm, precise_bn_batches, recalibrate_batchnorm
 from lipdeq.training.rundir import RunDirError, prepare_run_dir, write_config
 from lipdeq.training.trainer import NonFiniteTrainingError, TrainResult, train
 
@@ -29,6 +30,8 @@ __all__ = [
     "evaluate_checkpoint",
     "find_latest",
     "load_checkpoint",
+    "precise_batchnorm",
+    "precise_bn_batches",
     "prepare_run_dir",
     "recalibrate_batchnorm",
     "restore_rng_state",

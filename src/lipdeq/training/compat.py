@@ -17,13 +17,15 @@ from lipdeq.errors import LipdeqError
 __all__ = ["ConfigMismatchError", "EVAL_SAFE", "EVAL_SAFE_PREFIXES", "RESUME_SAFE", "changed_keys", "check_compatible"]
 
 # Keys a resumed run may change: budgets, cadences, precision and throughput settings, the data's
-# location, and the evaluation subset. Everything else (the model, the training data and its order,
-# the batch size, the optimiser and the schedule horizon) must equal the stored configuration.
+# location, and the evaluation subset and its precise-BN images (evaluations put the BatchNorm statistics
+# and the RNG back: tests/training/test_precise_bn.py). Everything else (the model, the training data and
+# its order, the batch size, the optimiser and the schedule horizon) must equal the stored configuration.
 RESUME_SAFE = frozenset({
     "preset",
-    "train.max_steps", "train.max_seconds", "train.log_every", "train.eval_every_epochs",
+    "train.max_steps", "train.max_seconds", "train.log_every", "train.eval_every_epochs", "train.eval_precise_bn",
     "train.checkpoint_every_epochs", "train.checkpoint_every_steps", "train.eval_batch_size",
-    "train.num_threads", "train.max_nonfinite_in_row", "train.compile", "train.amp",
+    "train.num_threads", "train.max_nonfinite_in_row", "train.compile", "train.compile_mode",
+    "train.channels_last", "train.amp",
     "data.data_dir", "data.test_subset",
 })
 

@@ -18,33 +18,12 @@ from lipdeq.solvers import sample_summary, status_counts
 from lipdeq.training.checkpoint import CheckpointError, load_checkpoint
 from lipdeq.training.compat import EVAL_SAFE, EVAL_SAFE_PREFIXES, check_compatible
 from lipdeq.training.device import resolve_device
-
-
-def recalibrate_batchnorm(model: torch.nn.Module, batches: Sequence[torch.Tensor]) -> int:
-    """Re-estimate the running statistics of every BatchNorm layer of ``model`` from ``batches``.
-
-    The statistics are reset and then averaged with equal weight over the batches (cumulative
-    average, ``momentum=None``), in training mode without gradients ("precise BN"); the momentum
-    of each layer is restored afterwards and the model is left in eval mode. Returns the number of
-    BatchNorm layers (0: nothing to do, no forward pass is run).
-    """
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns or not batches:
-        return 0
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    try:
-        with torch.no_grad():
-            for x in batches:
-                model(x)
-    finally:
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        model.eval()
-    return len(bns)
+from lipdeq.training.precise_bn import (
+    precise_batchnorm,
+    precise_bn_batches,
+    recalibrate_batchnorm,  # noqa: F401  (re-exported from its earlier home)
+)
+from lipdeq.training.robust_eval import RobustTally
 
 
 @torch.no_grad()
@@ -57,8 +36,21 @@ def evaluate(
     device: torch.device | str = "cpu",
     amp: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    precise_bn: Sequence[torch.Tensor] = (),
+    robust: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (eval mode, no augmentation) on uint8 images.
+
+    ``robust``: also report ``certified_accuracy``, a mapping from ``"36/255"``, ``"72/255"``,
+    ``"108/255"`` to the fraction of images classified correctly with a certified l2 radius (pixel
+    units, docs/MATH.md section 9) of at least that eps, with ``certified_radius_median`` and
+    ``network_lipschitz`` (:class:`~lipdeq.training.robust_eval.RobustTally`).
+
+    ``precise_bn``: normalised training batches (:func:`~lipdeq.training.precise_bn.precise_bn_batches`)
+    to re-estimate the BatchNorm statistics from before evaluating; the model's statistics are put
+    back afterwards (:func:`~lipdeq.training.precise_bn.precise_batchnorm`), so the evaluation
+    changes nothing that training or a checkpoint reads. The result's ``precise_bn_images`` says how
+    many images were used (0: the stored running statistics).
 
     ``should_stop`` is asked before every batch; when it returns True the evaluation ends early and
     the result has ``interrupted=True`` (and covers only ``num_images`` images): a stop request
@@ -73,10 +65,16 @@ def evaluate(
     """
     if images_uint8.shape[0] != labels.shape[0]:
         raise ValueError(f"{images_uint8.shape[0]} images but {labels.shape[0]} labels")
+    if precise_bn:
+        with precise_batchnorm(getattr(model, "module", model), precise_bn, amp=amp, should_stop=should_stop) as used:
+            out = evaluate(model, images_uint8, labels, batch_size=batch_size, device=device, amp=amp,
+                           should_stop=should_stop, robust=robust)
+        return {**out, "precise_bn_images": used}
     device = torch.device(device)
     was_training = model.training
     model.eval()
     inner = getattr(model, "module", model)
+    tally = RobustTally(inner, amp=amp) if robust else None  # after eval(): the bound is of eval mode
     total_loss, correct, n = 0.0, 0, 0
     # Per-sample statistics only: keeping each batch's Solution would keep its fixed points too.
     nsteps, rels, abss, statuses, bounds = [], [], [], [], []
@@ -101,6 +99,8 @@ def evaluate(
             correct += int((logits.argmax(dim=1) == y).sum())
             n += y.shape[0]
             sol = getattr(inner, "last_solution", None)
+            if tally is not None:
+                tally.add(logits, y, sol)
             if sol is not None:
                 nsteps.append(sol.nstep.cpu())
                 rels.append(sol.rel_residual.cpu())
@@ -116,9 +116,12 @@ def evaluate(
         "num_images": n,
         "images_per_s": n / elapsed if elapsed > 0 else float("nan"),
         "seconds_per_image": elapsed / max(n, 1),
+        "precise_bn_images": 0,
     }
     if interrupted:
         out["interrupted"] = True
+    if tally is not None:
+        out.update(tally.summary())
     if nsteps:
         status = torch.cat(statuses)
         # A bound exists only if every batch had one (the certificate is the same for all batches).
@@ -132,7 +135,7 @@ def evaluate(
 
 
 def evaluate_checkpoint(
-    path: str | Path, *, overrides: Sequence[str] = (), device: str | None = None
+    path: str | Path, *, overrides: Sequence[str] = (), device: str | None = None, robust: bool = False
 ) -> dict[str, Any]:
     """Load a checkpoint (run directory, checkpoint directory or meta.json), rebuild its model from
     the stored configuration, and evaluate it on the test split. ``overrides`` may change ``data.*``,
@@ -141,7 +144,8 @@ def evaluate_checkpoint(
     another network and raises :class:`~lipdeq.training.compat.ConfigMismatchError` naming the key.
 
     Returns the metrics of :func:`evaluate` plus ``model``, ``step``, ``certificate`` (the certified
-    Lipschitz bound, ``inf`` for the baseline) and ``checkpoint``.
+    Lipschitz bound, ``inf`` for the baseline) and ``checkpoint``; with ``robust=True`` also the
+    certified accuracy of :func:`evaluate`.
     """
     ck = load_checkpoint(path)
     what = f"configuration stored in {ck.path}"
@@ -160,8 +164,15 @@ def evaluate_checkpoint(
     model.to(dev)
     d = cfg.data
     images, labels = load_dataset(d.dataset, "test", data_dir=d.data_dir, subset=d.test_subset, seed=cfg.train.seed)
+    # Precise BN (train.eval_precise_bn, of the stored configuration unless overridden: the trainer's
+    # evaluations use the same images) on the model built here: nothing is written back to the checkpoint.
+    calib: list[torch.Tensor] = []
+    if cfg.train.eval_precise_bn:
+        train_x, _ = load_dataset(d.dataset, "train", data_dir=d.data_dir, subset=d.train_subset, seed=cfg.train.seed)
+        calib = precise_bn_batches(train_x, cfg.train.eval_precise_bn, batch_size=cfg.train.batch_size,
+                                   seed=cfg.train.seed, device=dev)
     metrics = evaluate(model, images, labels, batch_size=cfg.train.eval_batch_size, device=dev,
-                       amp=cfg.train.amp == "bf16")
+                       amp=cfg.train.amp == "bf16", precise_bn=calib, robust=robust)
     cert = model.lipschitz_bound()
     return {"model": cfg.model.name, "step": ck.step, "checkpoint": str(ck.path), **metrics,
             "certificate": cert.value, "certificate_reason": cert.reason}

@@ -42,6 +42,7 @@ from lipdeq.training.distributed import (
     setup_distributed,
 )
 from lipdeq.training.evaluate import evaluate
+from lipdeq.training.precise_bn import precise_bn_batches
 from lipdeq.training.rundir import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -261,8 +262,10 @@ def _train(
     )
 
     model = MultiscaleDEQ(cfg.model).to(dev)
-    if t.compile:
-        model.layer.compile()
+    if t.channels_last:
+        model.use_channels_last()
+    if t.compile:  # f only: the solver loop calls it up to f_thres + b_thres times per step
+        model.compile_f(t.compile_mode)
     optimizer = build_optimizer(model, cfg)
     total_steps = t.epochs * len(loader)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -296,6 +299,11 @@ def _train(
 
     writer = _MetricsWriter(out_dir, ctx.is_main)
     use_amp = t.amp == "bf16"
+    # Precise BN before each evaluation (rank 0 only): a fixed selection of un-augmented training images,
+    # drawn from a private generator; evaluate() puts the BatchNorm statistics and the RNG back, so the
+    # checkpoints and the training trajectory are those of a run without it.
+    calib = (precise_bn_batches(train_x, t.eval_precise_bn, batch_size=t.batch_size, seed=t.seed, device=dev)
+             if ctx.is_main else [])
     max_steps = t.max_steps if t.max_steps is not None else total_steps
     bar = None
     if progress and ctx.is_main:
@@ -389,7 +397,7 @@ def _train(
                 break
             if (epoch + 1) % t.eval_every_epochs == 0 and ctx.is_main:
                 final_eval = evaluate(model, test_x, test_y, batch_size=t.eval_batch_size, device=dev, amp=use_amp,
-                                      should_stop=stopping)
+                                      should_stop=stopping, precise_bn=calib)
                 if final_eval.get("interrupted"):  # a partial evaluation is not a result
                     final_eval = {}
                 else:
@@ -400,7 +408,7 @@ def _train(
             bar.close()
         if ctx.is_main and not stop.received:
             final_eval = evaluate(model, test_x, test_y, batch_size=t.eval_batch_size, device=dev, amp=use_amp,
-                                  should_stop=stopping)
+                                  should_stop=stopping, precise_bn=calib)
             if final_eval.get("interrupted"):  # SIGINT/SIGTERM during the final evaluation: stop now
                 final_eval = {}
             else:

@@ -30,6 +30,7 @@ from lipdeq.jsonsafe import json_safe
 from lipdeq.optional import pyplot
 from lipdeq.solvers import SolverWarning
 from lipdeq.training.device import resolve_device
+from lipdeq.training.precise_bn import precise_bn_batches
 
 __all__ = ["resolve_data", "run"]
 
@@ -101,13 +102,13 @@ def _load_data(prof: Profile, ref_cfg: Any, dev: torch.device) -> BenchData:
     gen = torch.Generator().manual_seed(seed + 1)
     probe_idx = torch.randperm(train_x.shape[0], generator=gen)[: prof.probe_batch_size]
     batch = ref_cfg.train.batch_size
-    calib_idx = torch.randperm(train_x.shape[0], generator=gen)[: prof.bn_recalibration_batches * batch]
     return BenchData(
         train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
         probe_x=to_float_normalized(train_x[probe_idx]).to(dev), probe_y=train_y[probe_idx].to(dev),
         trace_x=to_float_normalized(test_x[: prof.probe_batch_size]).to(dev),
         trace_y=test_y[: prof.probe_batch_size].to(dev),
-        calib=[to_float_normalized(train_x[i]).to(dev) for i in calib_idx.split(batch) if len(i)],
+        calib=precise_bn_batches(train_x, prof.bn_recalibration_batches * batch, batch_size=batch, seed=seed,
+                                 device=dev),  # the trainer's selection of images (train.eval_precise_bn)
     )
 
 
@@ -146,6 +147,7 @@ def _run(
         "data.test_subset=32",  # the trainer's own final evaluation: a sanity check; ours is below
         "train.log_every=1",
         "train.eval_every_epochs=1000000",
+        "train.eval_precise_bn=0",  # the sanity check above needs no precise BN; our evaluations re-estimate
         *overrides,
     ]
     if max_steps_override is not None:
