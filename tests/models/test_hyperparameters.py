@@ -64,13 +64,13 @@ def test_alpha_matches_the_closed_form_root_of_its_affine_bound():
     assert sol.bound == model_bound(FOUR, alpha=sol.value) and target - 1e-6 <= sol.bound < target
 
 
-def test_the_closed_form_bound_is_the_models_certificate_up_to_rounding():
+def test_the_search_bound_is_the_models_certificate():
     configs = [model_config("lipmdeq_tiny", **SMALL), model_config("lipmdeq_tiny", **WIDE),
                model_config("lipmdeq_tiny", **FOUR, alpha=0.9, beta=0.7, relu_slope=0.6),
                model_config("mdeq_tiny", **SMALL)]
     for cfg in configs:
-        # the same products in another order: equal up to rounding (the solver reports the model's own)
-        assert hp.hyper_bound(cfg) == pytest.approx(MultiscaleDEQ(cfg).lipschitz_bound(mode="hyper").value, rel=1e-12)
+        # the same certificate on a narrow copy of the layer: equal, not only up to rounding
+        assert hp.hyper_bound(cfg) == MultiscaleDEQ(cfg).lipschitz_bound(mode="hyper").value
     assert math.isinf(hp.hyper_bound(configs[-1]))
 
 
@@ -149,11 +149,3 @@ def test_convex_search_finds_the_upper_end_of_an_interior_dip():
     assert value < 0.5 + math.sqrt(0.1)
     with pytest.raises(UnreachableTargetError, match=r"at least 0\.1\b"):
         hp._search(cfg, "beta", 0.05, lambda x: (x - 0.5) ** 2 + 0.1)
-
-
-def test_the_models_certificate_drives_the_search_when_the_closed_form_disagrees(monkeypatch):
-    # If the certificate's arithmetic changes, the answer still satisfies the model's own bound.
-    monkeypatch.setattr(hp, "hyper_bound", lambda cfg: 2.0 * hp._skeleton_bound(cfg))
-    sol = solve_hyperparameter(model_config("lipmdeq_tiny", **SMALL), "relu_slope", 0.6)
-    assert 0.6 - 1e-6 <= model_bound(SMALL, relu_slope=sol.value) < 0.6
-    assert model_bound(SMALL, relu_slope=larger("relu_slope", sol.value)) > 0.6
