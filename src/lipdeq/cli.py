@@ -105,6 +105,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         # --device was ignored here (the solvers always ran on the CPU); its default stays the CPU
         figures = solvers.run(batch_size=args.batch_size or 32, repeats=args.repeats, device=args.device or "cpu")
         print(solvers.format_report(figures))
+    elif args.what == "profile":
+        from lipdeq.benchmarks import profile
+
+        print(profile.format_report(profile.run(args.preset, batch_size=args.batch_size or 32, steps=args.steps,
+                                                device=args.device, overrides=args.set)))
     elif args.what == "memory":
         from lipdeq.benchmarks import memory
 
@@ -268,8 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "run's train.eval_precise_bn); the checkpoint is not changed")
     ev.set_defaults(func=cmd_eval)
 
-    be = sub.add_parser("bench", help="benchmarks: the paper's claim (default), solvers, memory, accuracy, gpu")
-    be.add_argument("what", nargs="?", default="paper", choices=["paper", "solvers", "memory", "accuracy", "gpu"])
+    be = sub.add_parser("bench", help="benchmarks: the paper's claim (default), solvers, memory, accuracy, gpu, "
+                        "profile")
+    be.add_argument("what", nargs="?", default="paper",
+                    choices=["paper", "solvers", "memory", "accuracy", "gpu", "profile"])
     prof = be.add_mutually_exclusive_group()
     prof.add_argument("--quick", action="store_true", help="CPU-sized profile (default)")
     prof.add_argument("--full", action="store_true", help="the GPU recipe: full training of both models")
@@ -281,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="solvers bench batch size (default 32); accuracy: training batch size (default: presets')")
     be.add_argument("--repeats", type=_POSITIVE_INT, default=3, help="solvers bench repeats")
     _add_accuracy_options(be)
+    pr = be.add_argument_group("step profile (lipdeq bench profile: where a training step and an inference "
+                               "batch spend their time)")
+    pr.add_argument("--preset", default="lipmdeq_tiny", help="preset to profile (default lipmdeq_tiny; batch "
+                    "size from --batch-size, default 32; overrides from --set)")
+    pr.add_argument("--steps", type=_POSITIVE_INT, default=5, help="timed steps (default 5, after 2 warm-up steps)")
     gpu = be.add_argument_group("GPU check (lipdeq bench gpu: one CUDA device, at most 8 minutes)")
     gpu.add_argument("--dry-run", action="store_true", help="the same run, tiny, on the CPU, in seconds")
     gpu.add_argument("--train-seconds", type=_POSITIVE_SECONDS, default=None,

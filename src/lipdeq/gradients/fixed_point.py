@@ -8,9 +8,11 @@ from typing import Any
 
 import torch
 
+from lipdeq.gradients.budgeted import budgeted_fixed_point, record_jfb_error
 from lipdeq.solvers import Solution, SolverWarning, Status, solve
 
 BACKWARDS = ("ift", "phantom", "jfb")
+BUDGETS = ("residual", "certified")
 
 
 def _status_summary(sol: Solution, statuses: tuple[Status, ...]) -> tuple[int, str]:
@@ -70,6 +72,7 @@ def fixed_point(
     return_trace: bool = False,
     warn_max_iter: bool = False,
     check_every: int = 1,
+    budget: str = "residual",
 ) -> tuple[torch.Tensor, Solution]:
     """Solve ``z* = f(z*)`` and return it with gradients defined by implicit differentiation.
 
@@ -99,6 +102,13 @@ def fixed_point(
             the normal regime of the MDEQ baseline).
         check_every: host synchronisations of both solves every ``check_every`` iterations (see
             :func:`lipdeq.solvers.solve`; the same result, up to ``check_every - 1`` more evaluations).
+        budget: ``"residual"`` (stop on residual checks, the MDEQ way) or ``"certified"``: iteration
+            counts from ``lipschitz`` known in advance, Picard forward whose last step carries the
+            graph, Neumann backward without convergence checks (:mod:`lipdeq.gradients.budgeted`;
+            ``f_tol``/``b_tol`` then bound the certified errors). Without a ``lipschitz`` below 1 it
+            falls back to ``"residual"`` with a SolverWarning. ``backward="jfb"`` with a
+            ``lipschitz`` reports its certified adjoint error ``L/(1-L) ||g||`` as
+            ``solution.backward`` under either budget.
 
     Warns:
         SolverWarning: the forward solve left samples DIVERGED or NON_FINITE (or MAX_ITER with
@@ -112,6 +122,25 @@ def fixed_point(
     """
     if backward not in BACKWARDS:
         raise ValueError(f"unknown backward {backward!r}; expected one of {BACKWARDS}")
+    if budget not in BUDGETS:
+        raise ValueError(f"unknown budget {budget!r}; expected one of {BUDGETS}")
+    if budget == "certified":
+        if backward == "phantom":
+            raise ValueError("budget='certified' supports backward 'ift' or 'jfb', not 'phantom'")
+        L = None if lipschitz is None else float(torch.as_tensor(lipschitz).max())
+        if L is not None and 0.0 <= L < 1.0:
+            z, sol = budgeted_fixed_point(f, z0, lipschitz=L, backward=backward, f_tol=f_tol, b_tol=b_tol,
+                                          f_max_iter=f_max_iter, b_max_iter=b_max_iter,
+                                          stop_mode="rel" if stop_mode == "rel" else "abs")
+            _warn_forward(sol, warn_max_iter)
+            return z, sol
+        warnings.warn(
+            f"fixed_point: budget='certified' needs a Lipschitz constant below 1, got {L}; "
+            "solving with residual checks instead (budget='residual')",
+            SolverWarning,
+            stacklevel=2,
+        )
+        lipschitz = None
     if backward == "phantom" and (phantom_steps < 1 or not 0.0 < phantom_tau <= 1.0):
         raise ValueError(
             f"phantom backward needs phantom_steps >= 1 and 0 < phantom_tau <= 1, "
@@ -136,8 +165,13 @@ def fixed_point(
         return z_star, sol
 
     if backward == "jfb":
-        return f(z_star), sol
+        sol.extra_f_evals = 1
+        z = f(z_star)
+        if lipschitz is not None and z.requires_grad:
+            return record_jfb_error(z, sol, float(torch.as_tensor(lipschitz).max()), b_tol), sol
+        return z, sol
     if backward == "phantom":
+        sol.extra_f_evals = phantom_steps
         z = z_star
         for _ in range(phantom_steps):
             z = (1.0 - phantom_tau) * z + phantom_tau * f(z)
@@ -145,6 +179,7 @@ def fixed_point(
 
     z_in = z_star.requires_grad_()  # z_star is already detached from the solver's value
     z_out = f(z_in)
+    sol.extra_f_evals = 1
     if not z_out.requires_grad:  # f closes over nothing that needs a gradient
         return z_out, sol
 

@@ -35,6 +35,7 @@ its bound is infinite, with the reason in the certificate.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -72,7 +73,10 @@ class BoundOptions:
     counts 1 in eval mode, so that the bound also covers the training-time map of unrescaled masks
     (docs/MATH.md section 4.3). ``training``: certify the training-time map (dropout masks, batch
     statistics) instead of the eval-mode one. ``tighten=False``: plain products of the blocks'
-    bounds (no chain tightening of section 10), for comparison.
+    bounds (no chain tightening of section 10), for comparison. ``conv_norm`` (mode
+    ``"weights"``): a caller's certified upper bound of each convolution's operator norm, called
+    as ``conv_norm(conv, spec)`` instead of computing its FFT norm (the running certificate of
+    training steps, :mod:`lipdeq.models.running_certificate`); such convs are not tightened jointly.
     """
 
     mode: Literal["weights", "hyper"] = "weights"
@@ -81,6 +85,7 @@ class BoundOptions:
     conv_cap: float | None = None
     gn_cap: float | None = None
     relu_slope: float | None = None
+    conv_norm: Callable[[nn.Conv2d, ConvSpec], float] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("weights", "hyper"):
@@ -133,6 +138,9 @@ def _conv_atoms(conv: nn.Conv2d, size: Size, opts: BoundOptions, name: str) -> t
         if value is None or not math.isfinite(value):
             return [Atom(name, "conv", math.inf, note="a convolution without an operator-norm cap", conv=spec)], out
         return [Atom(name, "conv", float(value), note="the cap", conv=spec)], out
+    if opts.conv_norm is not None:
+        return [Atom(name, "conv", float(opts.conv_norm(conv, spec)), note="the caller's certified bound",
+                     conv=spec)], out
     w = conv.weight.detach().to(torch.float64)
     if not bool(torch.isfinite(w).all()):
         return [Atom(name, "conv", math.inf, note="a weight contains NaN or Inf", conv=spec)], out

@@ -36,7 +36,6 @@ from lipdeq.lipschitz.operator_norm import (
     _effective_kernel,
     _pair,
     circular_grid_size,
-    conv_apply,
     conv_padding,
     polyphase_blocks_freq_last,
     polyphase_grid,
@@ -104,6 +103,8 @@ class OperatorNormCap(nn.Module):
         self.register_buffer("last_sigma", torch.zeros((), dtype=dtype or torch.float32, device=device),
                              persistent=False)
         self.n_updates = 0
+        # eval mode: (the weight seen, its top block (g, r, c, vector), its exact sigma, the capped weight)
+        self._eval_state: tuple[Tensor, tuple, Tensor, Tensor | None] | None = None
 
     @classmethod
     def from_conv(
@@ -134,49 +135,36 @@ class OperatorNormCap(nn.Module):
     def _v_complex(self, dtype: torch.dtype) -> Tensor:
         return torch.view_as_complex(self.v.to(dtype).contiguous())
 
-    def _spatial_mode(self, r: int, c: int, g: int, vec: Tensor) -> Tensor:
-        """Real and imaginary parts (2, c_in, N_h, N_w) of the spatial vector of a polyphase mode.
-
-        ``x[t] = sum_e exp(-2 pi i omega_e . t / N) v_e`` over the fine frequencies
-        ``omega_e = nu + M e`` aliasing onto the coarse frequency ``nu = (r, c)``: the circular
-        operator maps it to ``exp(-2 pi i nu . t' / M) B(nu) v``, so ``||C x|| / ||x||`` is the block
-        estimate ``||B(nu) v|| / sqrt(s_h s_w)``; for real parts this holds when ``nu != -nu`` (then
-        x and its conjugate live on disjoint frequencies), and is a lower bound otherwise.
-        """
-        (n_h, n_w), (s_h, s_w) = self.dft_grid, self.stride
-        m_h, m_w = n_h // s_h, n_w // s_w
-        dev = vec.device
-
-        def phases(nu: int, m: int, s: int, n: int) -> Tensor:
-            omega = nu + m * torch.arange(s, device=dev)
-            prod = (omega[:, None] * torch.arange(n, device=dev)[None, :]) % n
-            ang = (-2.0 * math.pi / n) * prod.to(torch.float64)
-            return torch.polar(torch.ones_like(ang), ang).to(vec.dtype)
-
-        e_h, e_w = phases(r, m_h, s_h, n_h), phases(c, m_w, s_w, n_w)
-        ci_g = vec.numel() // (s_h * s_w)
-        xg = torch.einsum("ay,bz,abi->iyz", e_h, e_w, vec.reshape(s_h, s_w, ci_g))
-        x = torch.zeros(2, ci_g * self.groups, n_h, n_w, dtype=xg.real.dtype, device=dev)
-        x[0, g * ci_g : (g + 1) * ci_g] = xg.real
-        x[1, g * ci_g : (g + 1) * ci_g] = xg.imag
-        return x
-
-    def _fft_sigma(self, weight: Tensor, v: Tensor, blocks: Tensor) -> Tensor:
-        """``max_nu ||B(nu) v(nu)|| / sqrt(s_h s_w)``, differentiable in ``weight``.
-
-        The maximising frequency is found without grad; the differentiable value is then
-        ``||C(W) x|| / ||x||`` for that mode's real spatial vector x (one small circular
-        convolution instead of back-propagating through every DFT block).
-        """
+    def _top_frequency(self, v: Tensor, blocks: Tensor) -> tuple[int, int, int, Tensor]:
+        """``(g, r, c)`` of the DFT block maximising ``||B(nu) v(nu)||``, and that maximum divided by
+        ``sqrt(s_h s_w)`` (the block estimate of sigma; no grad)."""
         with torch.no_grad():
             sq = (blocks * v[:, None]).sum(dim=2).abs().square().sum(dim=1)  # (G, M_h, L_w)
             flat = int(torch.argmax(sq))
             g, rest = divmod(flat, sq.shape[1] * sq.shape[2])
             r, c = divmod(rest, sq.shape[2])
-            x = self._spatial_mode(r, c, g, v[g, :, r, c])
-        out = conv_apply(x, weight, self.stride, (0, 0), self.dilation, self.groups, circular=True)
-        ratio = out.square().sum(dim=(1, 2, 3)) / x.square().sum(dim=(1, 2, 3)).clamp_min(self.eps**2)
-        return ratio.max().clamp_min(self.eps**2).sqrt()
+            estimate = sq.reshape(-1)[flat].sqrt() / math.sqrt(self.stride[0] * self.stride[1])
+            return g, r, c, estimate
+
+    def _block_sigma(self, weight: Tensor, g: int, r: int, c: int, vec: Tensor) -> Tensor:
+        """``||B(nu) vec|| / sqrt(s_h s_w)`` for the one DFT block ``(g, r, c)``, differentiable in
+        ``weight``: the block is a linear function of the kernel (its taps times their DFT phases at
+        the s_h s_w fine frequencies aliasing onto nu), so this costs c_out c_in k^2 s^2 products,
+        far below a convolution on the grid."""
+        rows = torch.tensor([r], device=weight.device)
+        block = polyphase_blocks_freq_last(weight, self.dft_grid, self.stride, self.dilation, self.groups,
+                                           coarse_rows=rows)[g, :, :, 0, c]  # (co_g, P)
+        sq = (block @ vec.to(block.dtype)).abs().square().sum()
+        return sq.clamp_min(self.eps**2).sqrt() / math.sqrt(self.stride[0] * self.stride[1])
+
+    def _fft_sigma(self, weight: Tensor, v: Tensor, blocks: Tensor) -> Tensor:
+        """``max_nu ||B(nu) v(nu)|| / sqrt(s_h s_w)``, differentiable in ``weight``.
+
+        The maximising frequency is found without grad on the precomputed blocks; the
+        differentiable value is then that one block's norm on ``v(nu)`` (:meth:`_block_sigma`).
+        """
+        g, r, c, _ = self._top_frequency(v, blocks)
+        return self._block_sigma(weight, g, r, c, v[g, :, r, c])
 
     @torch.no_grad()
     def power_step(self, weight: Tensor, n_steps: int = 1, blocks: Tensor | None = None) -> None:
@@ -211,6 +199,12 @@ class OperatorNormCap(nn.Module):
     @torch.no_grad()
     def _exact_init(self, blocks: Tensor) -> None:
         """Set every frequency's vector to its block's top right singular vector."""
+        self.v.copy_(torch.view_as_real(self._exact_vectors(blocks)))
+
+    @torch.no_grad()
+    def _exact_vectors(self, blocks: Tensor) -> Tensor:
+        """The top right singular vector of every DFT block, complex (G, P, M_h, L_w) (a block whose
+        eigendecomposition is not finite keeps the stored vector)."""
         b = blocks.permute(0, 3, 4, 1, 2)  # (G, M_h, L_w, co_g, P)
         if b.shape[-1] <= b.shape[-2]:
             vec = torch.linalg.eigh(b.mH @ b)[1][..., -1]  # (G, M_h, L_w, P)
@@ -219,9 +213,9 @@ class OperatorNormCap(nn.Module):
             vec = (b.mH @ u)[..., 0]
             vec = vec / vec.abs().square().sum(dim=-1, keepdim=True).sqrt().clamp_min(self.eps)
         ok = torch.isfinite(vec).all(dim=-1, keepdim=True)
-        old = self._v_complex(self.v.dtype).permute(0, 2, 3, 1)
+        old = self._v_complex(blocks.real.dtype).permute(0, 2, 3, 1)
         v = torch.where(ok, vec.to(old.dtype), old)
-        self.v.copy_(torch.view_as_real(v.permute(0, 3, 1, 2)))
+        return v.permute(0, 3, 1, 2).contiguous()
 
     def sigma(self, weight: Tensor, blocks: Tensor | None = None) -> Tensor:
         """Current estimate ``max_nu ||B(nu) v(nu)|| / sqrt(s_h s_w)`` (a lower bound of the capped
@@ -233,7 +227,11 @@ class OperatorNormCap(nn.Module):
         return self._fft_sigma(weight, torch.view_as_complex(v.to(weight.dtype).contiguous()), blocks)
 
     def forward(self, weight: Tensor) -> Tensor:
-        """Return ``weight / max(1, sigma / max_norm)``, advancing the power iteration in training mode."""
+        """Return ``weight / max(1, sigma / max_norm)``, advancing the power iteration in training mode
+        (in eval mode: exact sigma of this weight, the result reused while the weight is unchanged)."""
+        if not self.training:
+            return self._eval_forward(weight)
+        self._eval_state = None
         with torch.no_grad():
             blocks = self._blocks(weight)
         if self.training and self.n_power_iterations > 0:
@@ -242,6 +240,29 @@ class OperatorNormCap(nn.Module):
         self.last_sigma = sigma.detach().to(self.last_sigma.dtype)
         scale = torch.clamp(sigma / self.max_norm, min=1.0)
         return weight / scale
+
+    def _eval_forward(self, weight: Tensor) -> Tensor:
+        w = weight.detach()
+        state = self._eval_state
+        same = (state is not None and state[0].shape == w.shape and state[0].dtype == w.dtype
+                and state[0].device == w.device and torch.equal(state[0], w))
+        record_grad = torch.is_grad_enabled() and weight.requires_grad
+        if same and state[3] is not None and not record_grad:
+            return state[3]
+        if same:
+            top, exact = state[1], state[2]
+        else:
+            with torch.no_grad():
+                blocks = self._blocks(w)
+                vectors = self._exact_vectors(blocks).to(blocks.dtype)
+                g, r, c, exact = self._top_frequency(vectors, blocks)
+                top, exact = (g, r, c, vectors[g, :, r, c].clone()), exact.to(w.dtype)
+        # with exact top singular vectors the block estimate is the exact norm of this weight
+        sigma = self._block_sigma(weight, *top) if record_grad else exact
+        self.last_sigma = sigma.detach().to(self.last_sigma.dtype)
+        out = weight / torch.clamp(sigma / self.max_norm, min=1.0)
+        self._eval_state = (state[0] if same else w.clone(), top, exact, None if record_grad else out.detach())
+        return out
 
     def extra_repr(self) -> str:
         return (

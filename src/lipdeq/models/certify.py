@@ -15,12 +15,13 @@ gives that product form.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 from torch import nn
 
 from lipdeq.lipschitz import BoundOptions, LipschitzCertificate, block_matrix, chain_bound, mix, module_atoms
-from lipdeq.lipschitz.chain import Atom
+from lipdeq.lipschitz.chain import Atom, ConvSpec
 from lipdeq.lipschitz.compose import Bound
 from lipdeq.models.config import ModelConfig
 
@@ -92,7 +93,7 @@ class _Layer:
         return w if cfg.mixing == "sum" else cfg.beta * w
 
 
-def _options(cfg: ModelConfig, mode: Mode, training: bool, tighten: bool) -> BoundOptions:
+def _options(cfg: ModelConfig, mode: Mode, training: bool, tighten: bool, conv_norm=None) -> BoundOptions:
     if mode not in ("weights", "hyper"):
         raise ValueError(f"unknown certificate mode {mode!r}: use 'weights' or 'hyper'")
     hyper = mode == "hyper"
@@ -101,6 +102,7 @@ def _options(cfg: ModelConfig, mode: Mode, training: bool, tighten: bool) -> Bou
         conv_cap=(math.inf if cfg.conv_cap is None else float(cfg.conv_cap)) if hyper else None,
         gn_cap=(math.inf if cfg.gn_cap is None else float(cfg.gn_cap)) if hyper else None,
         relu_slope=cfg.relu_slope if hyper else None,
+        conv_norm=None if hyper else conv_norm,
     )
 
 
@@ -128,7 +130,8 @@ def injection_bounds(layer: nn.Module, *, mode: Mode = "weights", tighten: bool 
 
 
 def layer_certificate(
-    layer: nn.Module, *, mode: Mode = "weights", training: bool = False, tighten: bool = True
+    layer: nn.Module, *, mode: Mode = "weights", training: bool = False, tighten: bool = True,
+    conv_norm: Callable[[nn.Conv2d, ConvSpec], float] | None = None,
 ) -> LipschitzCertificate:
     """Upper bound of Lip(f) in z (l2 over the whole state) for a :class:`MultiscaleLayer`.
 
@@ -142,9 +145,11 @@ def layer_certificate(
             otherwise); the default certifies the eval-mode map, whose unrescaled dropout
             multiplies by ``1 - p`` (in mode ``"weights"``; ``"hyper"`` counts 1, section 8).
         tighten: ``False`` gives the plain products of section 4.1 (for comparison).
+        conv_norm: mode ``"weights"`` with each conv's operator norm bounded by
+            ``conv_norm(conv, spec)`` instead of its FFT norm (see :class:`BoundOptions`).
     """
     cfg: ModelConfig = layer.cfg
-    opts = _options(cfg, mode, training, tighten)
+    opts = _options(cfg, mode, training, tighten, conv_norm)
     lay = _Layer(layer, opts)
     n = cfg.num_branches
     blocks = [lay.block(i) for i in range(n)]

@@ -28,6 +28,12 @@ class ModelConfig(BaseModel):
     init of every conv of f (MDEQ's 0.01, which makes f nearly zero at init: harmless when BatchNorm
     in the head rescales its output, fatal to the signal without it).
 
+    ``budget="certified"`` sets both solves' iteration counts from the certified Lipschitz constant
+    (:mod:`lipdeq.gradients.budgeted`: Picard forward whose last step carries the graph, Neumann
+    backward, no residual checks; ``solver`` is then used only when the certificate is not below 1);
+    in training the constant is the running certificate, refreshed exactly every
+    ``certificate_refresh`` steps (:mod:`lipdeq.models.running_certificate`).
+
     ``injection="auto"`` follows the executed reference code: the 1x1 conv + BN + ReLU injection
     module exists only for more than two branches (with two, the stem output is injected as is).
     """
@@ -71,6 +77,9 @@ class ModelConfig(BaseModel):
     b_tol: float = Field(1e-3, gt=0.0)
     stop_mode: Literal["rel", "abs"] = "rel"
     backward: Literal["ift", "phantom", "jfb"] = "ift"
+    # "certified": iteration counts of both passes from the running certificate (Lipschitz models)
+    budget: Literal["residual", "certified"] = "residual"
+    certificate_refresh: int = Field(50, ge=1)  # training steps between exact FFT norms of the running bound
     # --- MDEQ pretraining (weight-tied unrolled layers) ---
     pretrain_layers: int = Field(10, ge=1)
 
@@ -96,6 +105,12 @@ class ModelConfig(BaseModel):
                 f"image_size={self.image_size} is not divisible by 2**(branches-1)="
                 f"{2 ** (len(self.channels) - 1)}"
             )
+        if self.budget == "certified":
+            if not self.is_lipschitz:
+                raise ValueError("budget='certified' needs a certificate: norm='mean_only' and a conv_cap "
+                                 f"(got norm={self.norm!r}, conv_cap={self.conv_cap}); use budget='residual'")
+            if self.backward == "phantom":
+                raise ValueError("budget='certified' supports backward 'ift' or 'jfb', not 'phantom'")
         for c in self.channels:
             if c % self.num_groups or (c * self.expansion) % self.num_groups or c % max(self.num_groups // 2, 1):
                 raise ValueError(f"channel width {c} is not divisible by num_groups={self.num_groups}")

@@ -54,6 +54,14 @@ def make_conv(
     return conv
 
 
+def _mix(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """``(1 - t) a + t b`` in one pass (``lerp``; under autocast the dtypes may differ, then promoted)."""
+    if a.dtype != b.dtype:
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        a, b = a.to(dtype), b.to(dtype)
+    return torch.lerp(a, b, t)
+
+
 class ResidualBlock(nn.Module):
     """Per-branch block: ``h1 = s relu(N1 C1 z)``, ``h2 = N2(drop(C2 h1) + u)``,
     ``h3 = (1 - alpha) z + alpha h2`` (or ``z + h2``), output ``N3(s relu(h3))``."""
@@ -76,7 +84,7 @@ class ResidualBlock(nn.Module):
         if injection is not None:
             h = h + injection
         h = self.gn2(h)
-        h = z + h if self.mixing == "sum" else (1.0 - self.alpha) * z + self.alpha * h
+        h = z + h if self.mixing == "sum" else _mix(z, h, self.alpha)
         return self.gn3(self.act(h))
 
 
@@ -217,14 +225,16 @@ class MultiscaleLayer(nn.Module):
                 if j == i:
                     continue
                 term = self.fuse_layers[i][j](blocks[j])
-                if self.cfg.fusion == "softmax":
-                    term = self._fusion_scalars[i][j] * term
-                fused = term if fused is None else fused + term
+                w = self._fusion_scalars[i][j] if self.cfg.fusion == "softmax" else 1.0
+                if fused is None:
+                    fused = term if w == 1.0 else w * term  # two branches: the softmax weight is 1
+                else:
+                    fused = torch.add(fused, term, alpha=w)
             if fused is None:
                 y = blocks[i]
             elif self.cfg.mixing == "sum":
                 y = blocks[i] + fused
             else:
-                y = (1.0 - self.cfg.beta) * blocks[i] + self.cfg.beta * fused
+                y = _mix(blocks[i], fused, self.cfg.beta)
             out.append(self.post_fuse_layers[i](y))
         return out

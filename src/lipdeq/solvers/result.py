@@ -51,7 +51,11 @@ class Solution:
         rel_residual: ``||f(z_b) - z_b|| / (||f(z_b)|| + eps)`` per sample.
         error_bound: certified a-posteriori bound ``L/(1-L) * abs_residual`` on ``||value - z*||`` per
             sample when the solve was given ``lipschitz=L < 1``; ``None`` otherwise.
-        n_f_evals: number of (batched) evaluations of ``f``.
+        n_f_evals: number of (batched) evaluations of ``f`` (of vector-Jacobian products, for an
+            adjoint solve).
+        extra_f_evals: evaluations of ``f`` made after the solve by :func:`lipdeq.fixed_point` (the
+            graph-carrying re-evaluation at ``z*``, phantom steps); 0 for a bare solve and under a
+            certified budget, whose last solver step carries the graph.
         method, stop_mode, tol, max_iter: the settings that produced this solution.
         abs_trace, rel_trace: optional ``(T, B)`` residual traces (``return_trace=True``).
         backward: for :func:`lipdeq.fixed_point` with ``backward="ift"``, the adjoint solve's
@@ -65,6 +69,7 @@ class Solution:
     rel_residual: torch.Tensor
     error_bound: torch.Tensor | None = None
     n_f_evals: int = 0
+    extra_f_evals: int = 0
     method: str = ""
     stop_mode: str = "rel"
     tol: float = 0.0

@@ -34,7 +34,8 @@ RESUME_SAFE = frozenset({
 # network); never the architecture.
 EVAL_SAFE_PREFIXES = ("data.", "train.")
 EVAL_SAFE = frozenset({"preset", "model.solver", "model.f_thres", "model.f_tol", "model.stop_mode",
-                       "model.b_thres", "model.b_tol", "model.backward"})
+                       "model.b_thres", "model.b_tol", "model.backward", "model.budget",
+                       "model.certificate_refresh"})
 
 
 class ConfigMismatchError(LipdeqError, ValueError):

@@ -313,6 +313,11 @@ def _train(
         bar = tqdm(total=total, initial=step, desc=cfg.model.name, dynamic_ncols=True)
 
     def checkpoint(tag: str = "last") -> Path | None:
+        # Every rank, at every checkpoint: the running certificate starts afresh here, as it does in a
+        # run resumed from this checkpoint, so both see the same bounds (hence solver budgets) from now on.
+        running = getattr(model, "running_certificate", None)
+        if running is not None:
+            running.reset()
         if not ctx.is_main:
             return None
         return save_checkpoint(

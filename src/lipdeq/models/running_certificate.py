@@ -1,0 +1,101 @@
+"""A certified Lip(f) for every training step, at a small fraction of the FFT certificate's cost.
+
+At a *refresh* the running certificate stores every convolution's effective weight ``W_ref`` of f
+and its exact FFT operator norm (docs/MATH.md section 5). Between refreshes, each conv's norm is
+bounded by a perturbation of the stored one,
+
+    ||C(W)|| <= ||C(W_ref)|| + ||C(W - W_ref)|| <= ||C(W_ref)|| + sum over kernel taps t ||(W - W_ref)_t||_F,
+
+because a convolution is the sum over taps of a (shifted, strided, zero-padded) copy of the input
+times the tap's c_out x c_in matrix, each shift has norm at most 1, and a matrix's spectral norm is
+at most its Frobenius norm. The layer bound is then the block-matrix certificate of
+:func:`~lipdeq.models.certify.layer_certificate` in its product form (``tighten=False``) with these
+conv bounds and the exact gains: every factor is an upper bound of the one the product form would
+use on the exact norms, the composition is monotone in its factors, and the product form is never
+below the tightened certificate, so the running value is never below the exact FFT certificate of
+the same weights. It costs one pass over f's weights and the composition, no FFT.
+
+Refreshes happen every ``refresh_every`` training-mode calls and after :meth:`reset` (the trainer
+resets at every checkpoint and resume, so that a resumed run sees the same bounds, hence the same
+solver budgets, as the run it continues).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lipdeq.checks import check_int
+from lipdeq.lipschitz.chain import ConvSpec
+from lipdeq.models.certify import layer_certificate
+
+__all__ = ["RunningBound", "RunningCertificate"]
+
+
+@dataclass(frozen=True)
+class RunningBound:
+    """One value of the running certificate.
+
+    Attributes:
+        value: certified upper bound of Lip(f) in z (l2, the training-time map unless asked otherwise).
+        refreshed: True when this call recomputed every conv's exact FFT norm.
+        age: calls since the last refresh (0 at a refresh).
+    """
+
+    value: float
+    refreshed: bool
+    age: int
+
+
+class RunningCertificate:
+    """Certified Lip(f) of a :class:`~lipdeq.models.layer.MultiscaleLayer` for every step (module docstring).
+
+    Call it where the layer's parametrised weights are cached (inside
+    :meth:`~lipdeq.models.MultiscaleDEQ.cached_weights`): it reads each conv's ``weight``, and
+    outside that context a training-mode read would advance the caps' power iteration.
+    """
+
+    def __init__(self, layer: nn.Module, refresh_every: int = 50) -> None:
+        self.layer = layer
+        self.refresh_every = check_int("refresh_every", refresh_every, minimum=1)
+        self._refs: dict[nn.Module, tuple[torch.Tensor, float]] = {}
+        self._age: int | None = None
+
+    def reset(self) -> None:
+        """Forget the stored weights: the next call refreshes."""
+        self._refs = {}
+        self._age = None
+
+    def _exact(self, conv: nn.Conv2d, spec: ConvSpec) -> float:
+        w = conv.weight.detach().to(torch.float64)
+        if not bool(torch.isfinite(w).all()):
+            return math.inf
+        norm = spec.norm(w.clone())
+        self._refs[conv] = (w.clone(), norm)
+        return norm
+
+    def _updated(self, conv: nn.Conv2d, spec: ConvSpec) -> float:
+        ref = self._refs.get(conv)
+        if ref is None:
+            return self._exact(conv, spec)
+        w_ref, norm_ref = ref
+        delta = conv.weight.detach().to(torch.float64) - w_ref
+        bound = norm_ref + float(delta.square().sum(dim=(0, 1)).sqrt().sum())  # sum over taps of ||.||_F
+        return bound if math.isfinite(bound) else math.inf
+
+    def __call__(self, *, training: bool = True) -> RunningBound:
+        """The bound for the current weights; ``training``: of the training-time map (the default;
+        its dropout factor also covers the eval map). Only training-mode calls age the reference."""
+        refresh = self._age is None or self._age >= self.refresh_every
+        if refresh:
+            self._refs = {}
+        cert = layer_certificate(self.layer, training=training, tighten=False,
+                                 conv_norm=self._exact if refresh else self._updated)
+        if refresh:
+            self._age = 0
+        elif training:
+            self._age += 1
+        return RunningBound(float(cert.value), refresh, self._age)
