@@ -92,8 +92,14 @@ def test_solver_stats_count_the_work_done(small_lip_cfg, small_mdeq_cfg):
 
 
 def test_certified_budget_needs_a_certificate():
-    with pytest.raises(ValueError, match="budget='certified' needs a certificate"):
-        model_config("mdeq_tiny", budget="certified")
+    with pytest.warns(SolverWarning, match="budget='certified' needs a certificate"):
+        model = MultiscaleDEQ(model_config("mdeq_tiny", **SMALL, budget="certified"))
+    assert model.budget == "residual"
+    x, _ = _batch(2, 8, seed=0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        model.eval()(x)
+    assert model.last_solution.method == "anderson"
     with pytest.raises(ValueError, match="phantom"):
         model_config("lipmdeq_tiny", backward="phantom")
 
@@ -123,6 +129,16 @@ def _trajectory(budget: str, tol: float, steps: int = 12, mask_seed: int = 0) ->
     return losses
 
 
+def _first_gradient(budget: str, tol: float) -> torch.Tensor:
+    torch.manual_seed(0)
+    model = MultiscaleDEQ(model_config("lipmdeq_tiny", **SMALL, budget=budget, f_tol=tol, b_tol=tol,
+                                       conv_init_std=0.1)).double()
+    torch.manual_seed(0)
+    x, y = _batch(16, 8, seed=100, dtype=torch.float64)
+    F.cross_entropy(model(x), y).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
 def _gap(a: list[float], b: list[float]) -> float:
     return max(abs(u - v) for u, v in zip(a, b))
 
@@ -131,12 +147,15 @@ def test_training_with_and_without_budgets_follows_the_same_losses():
     """Twelve Adam steps from the same init, data and dropout masks. At tolerance 1e-3 the certified
     budget and residual checks differ by less than residual runs whose dropout masks differ (the
     run-to-run noise; measured: 0.026 against 0.038-0.052, Adam amplifies small gradient differences);
-    at 1e-6 the certified run tracks the residual one to 1e-5, so the difference comes from the
+    at 1e-6 the two give the same gradient to 1e-5 (float64), so the difference comes from the
     tolerance (the certified budget stops where its bound says 1e-3, residual Anderson usually
-    overshoots it), not from a different gradient."""
+    overshoots it), not from a different gradient. (Trajectories at 1e-6 are not compared: Adam
+    divides by the gradient's running size, so float32 rounding in near-zero gradient entries
+    already separates two runs of the same solver.)"""
     certified = _trajectory("certified", 1e-3)
     residual = _trajectory("residual", 1e-3)
     noise = min(_gap(residual, _trajectory("residual", 1e-3, mask_seed=k)) for k in (1, 2, 4))
     assert _gap(certified, residual) < noise, (_gap(certified, residual), noise)
-    assert _gap(_trajectory("certified", 1e-6), _trajectory("residual", 1e-6)) < 1e-5
+    a, b = _first_gradient("certified", 1e-6), _first_gradient("residual", 1e-6)
+    assert float((a - b).norm() / b.norm()) < 1e-5
     assert abs(certified[-1] - certified[0]) > 0.01  # the losses move

@@ -107,8 +107,9 @@ def test_cap_holds_and_certificate_after_aggressive_training(small_lip_cfg):
 @pytest.mark.parametrize("train_steps", [0, 30])
 def test_lipschitz_model_converges_within_a_priori_bound(small_lip_cfg, train_steps):
     torch.manual_seed(0)
-    cfg = small_lip_cfg.model_copy(update={"solver": "picard", "stop_mode": "abs", "f_tol": 1e-5, "b_tol": 1e-5,
-                                            "f_thres": 200, "b_thres": 200, "dropout": 0.0})
+    cfg = small_lip_cfg.model_copy(update={"solver": "picard", "budget": "residual", "stop_mode": "abs",
+                                            "f_tol": 1e-5, "b_tol": 1e-5, "f_thres": 200, "b_thres": 200,
+                                            "dropout": 0.0})
     model = MultiscaleDEQ(cfg)
     x = torch.randn(4, 3, 16, 16)
     opt = torch.optim.Adam(model.parameters(), lr=0.02)

@@ -174,15 +174,19 @@ class OperatorNormCap(nn.Module):
         """
         w = weight.detach()
         blocks = self._blocks(w) if blocks is None else blocks
-        v = self._v_complex(w.dtype)
+        v = self._power(blocks, self._v_complex(w.dtype), n_steps)
+        self.v.copy_(torch.view_as_real(v))
+        self.n_updates += 1
+
+    def _power(self, blocks: Tensor, v: Tensor, n_steps: int) -> Tensor:
+        """``n_steps`` of ``v <- B^H B v / ||B^H B v||`` on every block (a zero block keeps ``v``)."""
         for _ in range(n_steps):
             y = (blocks * v[:, None]).sum(dim=2)  # (G, co_g, M_h, L_w)
             z = (blocks.conj() * y[:, :, None]).sum(dim=1)  # (G, P, M_h, L_w)
             nrm = z.abs().square().sum(dim=1, keepdim=True).sqrt()
             ok = torch.isfinite(nrm) & (nrm > self.eps)  # a zero block keeps its current direction
             v = torch.where(ok, z / nrm.clamp_min(self.eps), v)
-        self.v.copy_(torch.view_as_real(v))
-        self.n_updates += 1
+        return v
 
     @torch.no_grad()
     def warm_up(self, weight: Tensor) -> float:
@@ -205,15 +209,23 @@ class OperatorNormCap(nn.Module):
     def _exact_vectors(self, blocks: Tensor) -> Tensor:
         """The top right singular vector of every DFT block, complex (G, P, M_h, L_w) (a block whose
         eigendecomposition is not finite keeps the stored vector)."""
+        old_v = self._v_complex(blocks.real.dtype)
         b = blocks.permute(0, 3, 4, 1, 2)  # (G, M_h, L_w, co_g, P)
-        if b.shape[-1] <= b.shape[-2]:
-            vec = torch.linalg.eigh(b.mH @ b)[1][..., -1]  # (G, M_h, L_w, P)
-        else:
-            u = torch.linalg.eigh(b @ b.mH)[1][..., -1:]  # (G, M_h, L_w, co_g, 1)
-            vec = (b.mH @ u)[..., 0]
-            vec = vec / vec.abs().square().sum(dim=-1, keepdim=True).sqrt().clamp_min(self.eps)
-        ok = torch.isfinite(vec).all(dim=-1, keepdim=True)
-        old = self._v_complex(blocks.real.dtype).permute(0, 2, 3, 1)
+        finite = torch.isfinite(b).all(dim=-1).all(dim=-1)[..., None]  # (G, M_h, L_w, 1)
+        b = torch.where(finite[..., None], b, 0.0)
+        try:
+            if b.shape[-1] <= b.shape[-2]:
+                vec = torch.linalg.eigh(b.mH @ b)[1][..., -1]  # (G, M_h, L_w, P)
+            else:
+                u = torch.linalg.eigh(b @ b.mH)[1][..., -1:]  # (G, M_h, L_w, co_g, 1)
+                vec = (b.mH @ u)[..., 0]
+                vec = vec / vec.abs().square().sum(dim=-1, keepdim=True).sqrt().clamp_min(self.eps)
+        except torch.linalg.LinAlgError:
+            # LAPACK gave up on some Gram matrix (repeated eigenvalues): converge the power
+            # iteration instead, from the stored vectors
+            vec = self._power(blocks.nan_to_num(), old_v, 200).permute(0, 2, 3, 1)
+        ok = torch.isfinite(vec).all(dim=-1, keepdim=True) & finite
+        old = old_v.permute(0, 2, 3, 1)
         v = torch.where(ok, vec.to(old.dtype), old)
         return v.permute(0, 3, 1, 2).contiguous()
 
@@ -255,8 +267,9 @@ class OperatorNormCap(nn.Module):
             with torch.no_grad():
                 blocks = self._blocks(w)
                 vectors = self._exact_vectors(blocks).to(blocks.dtype)
-                g, r, c, exact = self._top_frequency(vectors, blocks)
-                top, exact = (g, r, c, vectors[g, :, r, c].clone()), exact.to(w.dtype)
+                g, r, c, _ = self._top_frequency(vectors, blocks)
+                top = (g, r, c, vectors[g, :, r, c].clone())
+                exact = self._block_sigma(w, *top)  # the arithmetic of the grad path: equal bits
         # with exact top singular vectors the block estimate is the exact norm of this weight
         sigma = self._block_sigma(weight, *top) if record_grad else exact
         self.last_sigma = sigma.detach().to(self.last_sigma.dtype)

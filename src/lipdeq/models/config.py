@@ -30,7 +30,8 @@ class ModelConfig(BaseModel):
 
     ``budget="certified"`` sets both solves' iteration counts from the certified Lipschitz constant
     (:mod:`lipdeq.gradients.budgeted`: Picard forward whose last step carries the graph, Neumann
-    backward, no residual checks; ``solver`` is then used only when the certificate is not below 1);
+    backward, no residual checks; ``solver`` is then used only when the certificate is not below 1,
+    and for a configuration without a certificate, which solves with residual checks);
     in training the constant is the running certificate, refreshed exactly every
     ``certificate_refresh`` steps (:mod:`lipdeq.models.running_certificate`).
 
@@ -105,12 +106,8 @@ class ModelConfig(BaseModel):
                 f"image_size={self.image_size} is not divisible by 2**(branches-1)="
                 f"{2 ** (len(self.channels) - 1)}"
             )
-        if self.budget == "certified":
-            if not self.is_lipschitz:
-                raise ValueError("budget='certified' needs a certificate: norm='mean_only' and a conv_cap "
-                                 f"(got norm={self.norm!r}, conv_cap={self.conv_cap}); use budget='residual'")
-            if self.backward == "phantom":
-                raise ValueError("budget='certified' supports backward 'ift' or 'jfb', not 'phantom'")
+        if self.budget == "certified" and self.backward == "phantom":
+            raise ValueError("budget='certified' supports backward 'ift' or 'jfb', not 'phantom'")
         for c in self.channels:
             if c % self.num_groups or (c * self.expansion) % self.num_groups or c % max(self.num_groups // 2, 1):
                 raise ValueError(f"channel width {c} is not divisible by num_groups={self.num_groups}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -21,7 +22,7 @@ from lipdeq.models.layer import MultiscaleLayer
 from lipdeq.models.network_certificate import network_bound
 from lipdeq.models.robustness import certified_radius_from_logits
 from lipdeq.models.running_certificate import RunningCertificate
-from lipdeq.solvers import Solution
+from lipdeq.solvers import Solution, SolverWarning
 
 
 class NotAContractionError(LipdeqError, ValueError):
@@ -59,6 +60,12 @@ class MultiscaleDEQ(nn.Module):
         # not a submodule: derived state, outside the state dict (reset at checkpoints, see its docstring)
         self.running_certificate = RunningCertificate(self.layer, cfg.certificate_refresh)
         self.last_lipschitz: float | None = None
+        self.budget = cfg.budget if cfg.is_lipschitz else "residual"
+        if cfg.budget != self.budget:
+            warnings.warn(SolverWarning(
+                f"{cfg.name}: budget='certified' needs a certificate (norm='mean_only' and a conv_cap; got "
+                f"norm={cfg.norm!r}, conv_cap={cfg.conv_cap}): this model solves with residual checks"
+            ), stacklevel=2)
         self.compiled_step: CompiledStep | None = None  # set by compile_f()
 
     def _init_explicit_parts(self) -> None:
@@ -192,7 +199,8 @@ class MultiscaleDEQ(nn.Module):
                     value = (self.running_certificate(training=True).value if self.training
                              else self.lipschitz_bound().value)
                     self.last_lipschitz = value
-                    lip = value if value < 1.0 else None
+                    # a value >= 1 still goes to a certified budget, whose fallback warning names it
+                    lip = value if value < 1.0 or self.budget == "certified" else None
                 z, sol = fixed_point(
                     f,
                     z0,
@@ -204,7 +212,7 @@ class MultiscaleDEQ(nn.Module):
                     b_max_iter=cfg.b_thres,
                     stop_mode=cfg.stop_mode,
                     lipschitz=lip,
-                    budget=cfg.budget,
+                    budget=self.budget,
                 )
                 self.last_solution = sol
             jac_loss = None
