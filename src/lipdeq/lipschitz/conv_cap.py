@@ -104,7 +104,7 @@ class OperatorNormCap(nn.Module):
                              persistent=False)
         self.n_updates = 0
         # eval mode: (the weight seen, its top block (g, r, c, vector), its exact sigma, the capped weight)
-        self._eval_state: tuple[Tensor, tuple, Tensor, Tensor | None] | None = None
+        self._eval_state: tuple[Tensor, tuple | None, Tensor, Tensor | None] | None = None
 
     @classmethod
     def from_conv(
@@ -210,7 +210,7 @@ class OperatorNormCap(nn.Module):
         """The top right singular vector of every DFT block, complex (G, P, M_h, L_w) (a block whose
         eigendecomposition is not finite keeps the stored vector)."""
         old_v = self._v_complex(blocks.real.dtype)
-        b = blocks.permute(0, 3, 4, 1, 2)  # (G, M_h, L_w, co_g, P)
+        b = blocks.permute(0, 3, 4, 1, 2).contiguous()  # (G, M_h, L_w, co_g, P); strided matmuls are slow
         finite = torch.isfinite(b).all(dim=-1).all(dim=-1)[..., None]  # (G, M_h, L_w, 1)
         b = torch.where(finite[..., None], b, 0.0)
         try:
@@ -253,6 +253,25 @@ class OperatorNormCap(nn.Module):
         scale = torch.clamp(sigma / self.max_norm, min=1.0)
         return weight / scale
 
+    @torch.no_grad()
+    def _top_eigenvalues(self, blocks: Tensor) -> Tensor:
+        """``lambda_max(B(nu)^H B(nu))`` of every DFT block, (G, M_h, L_w): exact up to rounding
+        (eigenvalues of the smaller Gram matrix, no vectors; a converged power iteration if LAPACK
+        gives up on one)."""
+        b = blocks.permute(0, 3, 4, 1, 2).contiguous()  # (G, M_h, L_w, co_g, P); strided matmuls are slow
+        gram = b.mH @ b if b.shape[-1] <= b.shape[-2] else b @ b.mH
+        try:
+            return torch.linalg.eigvalsh(gram)[..., -1]
+        except torch.linalg.LinAlgError:
+            v = self._power(blocks, self._v_complex(blocks.real.dtype), 200)
+            return (blocks * v[:, None]).sum(dim=2).abs().square().sum(dim=1)
+
+    @torch.no_grad()
+    def _top_vector(self, blocks: Tensor, g: int, r: int, c: int) -> Tensor:
+        """The top right singular vector of the one block ``(g, r, c)``."""
+        block = blocks[g, :, :, r, c]  # (co_g, P)
+        return torch.linalg.eigh(block.mH @ block)[1][:, -1]
+
     def _eval_forward(self, weight: Tensor) -> Tensor:
         w = weight.detach()
         state = self._eval_state
@@ -265,13 +284,23 @@ class OperatorNormCap(nn.Module):
             top, exact = state[1], state[2]
         else:
             with torch.no_grad():
-                blocks = self._blocks(w)
-                vectors = self._exact_vectors(blocks).to(blocks.dtype)
-                g, r, c, _ = self._top_frequency(vectors, blocks)
-                top = (g, r, c, vectors[g, :, r, c].clone())
-                exact = self._block_sigma(w, *top)  # the arithmetic of the grad path: equal bits
-        # with exact top singular vectors the block estimate is the exact norm of this weight
-        sigma = self._block_sigma(weight, *top) if record_grad else exact
+                if bool(torch.isfinite(w).all()):
+                    blocks = self._blocks(w)
+                    lam = self._top_eigenvalues(blocks).clamp_min(0.0)
+                    flat = int(torch.argmax(lam))
+                    g, rest = divmod(flat, lam.shape[1] * lam.shape[2])
+                    r, c = divmod(rest, lam.shape[2])
+                    exact = (lam.reshape(-1)[flat].sqrt() / math.sqrt(self.stride[0] * self.stride[1])).to(w.dtype)
+                    top = (g, r, c, self._top_vector(blocks, g, r, c))
+                else:  # a NaN or Inf weight: its capped weight is not finite either, and says so
+                    exact, top = torch.full((), math.nan, dtype=w.dtype, device=w.device), None
+        if record_grad and top is not None:
+            # the value is the exact sigma, bit for bit as without grad; the gradient is that of the
+            # top block's norm on its top singular vector (the derivative of the top singular value)
+            block = self._block_sigma(weight, *top)
+            sigma = exact + (block - block.detach())
+        else:
+            sigma = exact
         self.last_sigma = sigma.detach().to(self.last_sigma.dtype)
         out = weight / torch.clamp(sigma / self.max_norm, min=1.0)
         self._eval_state = (state[0] if same else w.clone(), top, exact, None if record_grad else out.detach())
