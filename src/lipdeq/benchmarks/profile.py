@@ -3,8 +3,9 @@
 One model of a preset (default lipmdeq_tiny, batch 32, the current thread count) runs ``warmup``
 then ``steps`` timed training steps (the trainer's :func:`~lipdeq.training.step.train_step`) and as
 many pairs of eval-mode forwards (the first after the step's weight change, then the same weights
-again, which is what inference and evaluation loops run), on one fixed random batch. Each phase is timed by wall-clock hooks, with a
-device synchronisation at every boundary, and reported as the median over the timed steps:
+again, which is what inference and evaluation loops run), on one fixed random batch. Each phase is
+timed by wall-clock hooks, with a device synchronisation at every boundary, and reported as the
+median over the timed steps:
 
 ========================  ==================================================================
 ``cap``                   computing the parametrised weights of every conv (weight norm and the

@@ -80,7 +80,7 @@ class ModelConfig(BaseModel):
     backward: Literal["ift", "phantom", "jfb"] = "ift"
     # "certified": iteration counts of both passes from the running certificate (Lipschitz models)
     budget: Literal["residual", "certified"] = "residual"
-    certificate_refresh: int = Field(50, ge=1)  # training steps between exact FFT norms of the running bound
+    certificate_refresh: int = Field(20, ge=1)  # training steps between exact FFT norms of the running bound
     # --- MDEQ pretraining (weight-tied unrolled layers) ---
     pretrain_layers: int = Field(10, ge=1)
 
