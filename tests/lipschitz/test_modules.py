@@ -102,3 +102,47 @@ def test_dropout_p_zero_and_bad_p():
     assert drop.lipschitz_constant(True) == 1.0
     with pytest.raises(ValueError, match="p must"):
         VariationalDropout2d(1.0, rescale=True)
+
+
+def _two_pass(gn: MeanOnlyGroupNorm, x: torch.Tensor, input_scale: float, relu_slope: float | None) -> torch.Tensor:
+    """The unfused definition: scale, subtract the group mean, affine map, then the scaled ReLU."""
+    x = input_scale * x
+    xg = x.reshape(x.shape[0], gn.num_groups, -1)
+    y = (xg - xg.mean(-1, keepdim=True)).reshape(x.shape)
+    if gn.weight is not None:
+        view = (1, gn.num_channels) + (1,) * (x.dim() - 2)
+        y = y * gn.clamped_weight().view(view) + gn.bias.view(view)
+    return y if relu_slope is None else relu_slope * torch.relu(y)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("input_scale, relu_slope", [(1.0, None), (0.4, None), (1.0, 0.4), (0.7, -0.3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_groupnorm_matches_the_two_pass_definition(affine, input_scale, relu_slope, channels_last):
+    """The one-pass norm (batch_norm kernel, or addcmul for channels-last) equals the unfused formula in
+    value, in the gradients of input and parameters, and in second order (the Jacobian regulariser)."""
+    gen = torch.Generator().manual_seed(3)
+    gn = MeanOnlyGroupNorm(2, 4, affine=affine, gamma_cap=1.0).double()
+    if affine:
+        with torch.no_grad():
+            gn.weight.copy_(torch.tensor([3.0, -0.5, -2.0, 0.25]))  # two entries clamped
+            gn.bias.copy_(torch.randn(4, generator=gen, dtype=torch.float64))
+    x = torch.randn(3, 4, 5, 5, generator=gen, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    fused, reference = gn(x, input_scale=input_scale, relu_slope=relu_slope), _two_pass(gn, x, input_scale, relu_slope)
+    torch.testing.assert_close(fused, reference, rtol=0, atol=1e-14)
+    w = torch.randn(fused.shape, generator=gen, dtype=torch.float64)
+    params = [x, *gn.parameters()]
+    g_fused = torch.autograd.grad((fused * w).sum(), params)
+    g_ref = torch.autograd.grad((reference * w).sum(), params)
+    for a, b in zip(g_fused, g_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+    assert torch.autograd.gradgradcheck(lambda t: gn(t, input_scale=input_scale, relu_slope=relu_slope),
+                                        (x.detach().clone().requires_grad_(True),))
+
+
+def test_scaled_relu_with_slope_one_is_relu():
+    x = torch.tensor([-1.5, 0.0, 2.0])
+    torch.testing.assert_close(ScaledReLU(1.0)(x), torch.relu(x), rtol=0, atol=0)

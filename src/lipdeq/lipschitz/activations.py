@@ -19,7 +19,7 @@ class ScaledReLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Return ``slope * relu(x)``."""
-        return torch.relu(x) * self.slope
+        return torch.relu(x) if self.slope == 1.0 else torch.relu(x) * self.slope
 
     def lipschitz_constant(self) -> float:
         """``|slope|``."""

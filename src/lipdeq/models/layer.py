@@ -62,6 +62,25 @@ def _mix(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return torch.lerp(a, b, t)
 
 
+def norm_act(norm: nn.Module, act: ScaledReLU, x: torch.Tensor) -> torch.Tensor:
+    """``act(norm(x))``; a mean-only GroupNorm takes a positive slope into its affine pass."""
+    if isinstance(norm, MeanOnlyGroupNorm) and act.slope > 0:
+        return norm(x, relu_slope=act.slope)
+    return act(norm(x))
+
+
+def act_norm(act: ScaledReLU, norm: nn.Module, x: torch.Tensor, conv: nn.Module | None = None) -> torch.Tensor:
+    """``norm(act(x))``, or ``norm(conv(act(x)))`` with a bias-free ``conv`` in between.
+
+    A positive slope commutes with the bias-free conv and folds into a mean-only GroupNorm's affine pass
+    (``N(s y) = s gamma (y - mean) + beta``), which leaves a plain ReLU.
+    """
+    conv = conv if conv is not None else nn.Identity()
+    if isinstance(norm, MeanOnlyGroupNorm) and act.slope > 0 and getattr(conv, "bias", None) is None:
+        return norm(conv(torch.relu(x)), input_scale=act.slope)
+    return norm(conv(act(x)))
+
+
 class ResidualBlock(nn.Module):
     """Per-branch block: ``h1 = s relu(N1 C1 z)``, ``h2 = N2(drop(C2 h1) + u)``,
     ``h3 = (1 - alpha) z + alpha h2`` (or ``z + h2``), output ``N3(s relu(h3))``."""
@@ -79,13 +98,13 @@ class ResidualBlock(nn.Module):
         self.drop = VariationalDropout2d(cfg.dropout, rescale=cfg.dropout_rescale)
 
     def forward(self, z: torch.Tensor, injection: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.act(self.gn1(self.conv1(z)))
+        h = norm_act(self.gn1, self.act, self.conv1(z))
         h = self.drop(self.conv2(h))
         if injection is not None:
             h = h + injection
         h = self.gn2(h)
         h = z + h if self.mixing == "sum" else _mix(z, h, self.alpha)
-        return self.gn3(self.act(h))
+        return act_norm(self.act, self.gn3, h)
 
 
 class UpsampleFuse(nn.Module):
@@ -117,9 +136,7 @@ class DownsampleFuse(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for k, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            if k:
-                x = self.act(x)
-            x = norm(conv(x))
+            x = act_norm(self.act, norm, x, conv) if k else norm(conv(x))
         return x
 
 
@@ -134,7 +151,7 @@ class PostFuse(nn.Module):
         self.norm = make_norm(cfg, channels, groups=max(cfg.num_groups // 2, 1), affine=cfg.post_gn_affine)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.conv(self.act(y)))
+        return act_norm(self.act, self.norm, y, self.conv)
 
 
 def fusion_weights(num_branches: int, mode: str) -> torch.Tensor:
