@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lipdeq.lipschitz.operator_norm import _effective_kernel, circular_grid_size, polyphase_blocks_freq_last
+from lipdeq.lipschitz.operator_norm import _effective_kernel, circular_grid_size, polyphase_blocks_freq_first
 
 __all__ = ["PairNorms", "conv_mean_norms", "conv_output_size", "conv_pair_norms", "group_centering"]
 
@@ -60,8 +60,7 @@ def _norms(blocks: Tensor) -> Tensor:
 def _blocks(weight: Tensor, grid: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
             rows: Tensor) -> Tensor:
     """Polyphase DFT blocks (R, L_w, c_out, s_h s_w c_in) of a groups=1 kernel for coarse ``rows``."""
-    b = polyphase_blocks_freq_last(weight, grid, stride, dilation, 1, rows)  # (1, co, P, R, Lw)
-    return b[0].permute(2, 3, 0, 1).contiguous()
+    return polyphase_blocks_freq_first(weight, grid, stride, dilation, 1, rows)[0]
 
 
 def _chunks(m_h: int, bytes_per_row: int, device: torch.device):

@@ -37,7 +37,7 @@ from lipdeq.lipschitz.operator_norm import (
     _pair,
     circular_grid_size,
     conv_padding,
-    polyphase_blocks_freq_last,
+    polyphase_blocks_freq_first,
     polyphase_grid,
 )
 
@@ -128,23 +128,34 @@ class OperatorNormCap(nn.Module):
         )
 
     def _blocks(self, weight: Tensor) -> Tensor:
-        """DFT blocks (G, co_g, P, M_h, L_w), frequencies last, of the detached weight."""
+        """DFT blocks (G, M_h, L_w, co_g, P), frequencies first and contiguous, of the detached weight."""
         w = weight.detach()
-        return polyphase_blocks_freq_last(w, self.dft_grid, self.stride, self.dilation, self.groups)
+        return polyphase_blocks_freq_first(w, self.dft_grid, self.stride, self.dilation, self.groups)
 
-    def _v_complex(self, dtype: torch.dtype) -> Tensor:
-        return torch.view_as_complex(self.v.to(dtype).contiguous())
+    def _v_columns(self, dtype: torch.dtype, v: Tensor | None = None) -> Tensor:
+        """The stored vectors (buffer layout (G, P, M_h, L_w, 2), default ``self.v``) as complex columns
+        (G, M_h, L_w, P, 1), the layout the batched products with the blocks take."""
+        v = self.v if v is None else v
+        # always a fresh copy: a graph that saved it must not see later power steps on the buffer
+        return torch.view_as_complex(v.to(dtype).permute(0, 2, 3, 1, 4).clone(memory_format=torch.contiguous_format)
+                                     ).unsqueeze(-1)
 
-    def _top_frequency(self, v: Tensor, blocks: Tensor) -> tuple[int, int, int, Tensor]:
-        """``(g, r, c)`` of the DFT block maximising ``||B(nu) v(nu)||``, and that maximum divided by
-        ``sqrt(s_h s_w)`` (the block estimate of sigma; no grad)."""
+    def _store(self, columns: Tensor) -> None:
+        """Write complex columns (G, M_h, L_w, P, 1) back into the buffer layout of ``self.v``."""
+        self.v.copy_(torch.view_as_real(columns.squeeze(-1)).permute(0, 3, 1, 2, 4))
+
+    @staticmethod
+    def _argmax_frequency(values: Tensor) -> tuple[int, int, int]:
+        """``(g, r, c)`` of the largest entry of a (G, M_h, L_w) tensor."""
+        flat = int(torch.argmax(values))
+        g, rest = divmod(flat, values.shape[1] * values.shape[2])
+        r, c = divmod(rest, values.shape[2])
+        return g, r, c
+
+    def _top_frequency(self, v: Tensor, blocks: Tensor) -> tuple[int, int, int]:
+        """``(g, r, c)`` of the DFT block maximising ``||B(nu) v(nu)||`` (``v``: columns; no grad)."""
         with torch.no_grad():
-            sq = (blocks * v[:, None]).sum(dim=2).abs().square().sum(dim=1)  # (G, M_h, L_w)
-            flat = int(torch.argmax(sq))
-            g, rest = divmod(flat, sq.shape[1] * sq.shape[2])
-            r, c = divmod(rest, sq.shape[2])
-            estimate = sq.reshape(-1)[flat].sqrt() / math.sqrt(self.stride[0] * self.stride[1])
-            return g, r, c, estimate
+            return self._argmax_frequency((blocks @ v).abs().square().sum(dim=(-2, -1)))
 
     def _block_sigma(self, weight: Tensor, g: int, r: int, c: int, vec: Tensor) -> Tensor:
         """``||B(nu) vec|| / sqrt(s_h s_w)`` for the one DFT block ``(g, r, c)``, differentiable in
@@ -152,8 +163,8 @@ class OperatorNormCap(nn.Module):
         the s_h s_w fine frequencies aliasing onto nu), so this costs c_out c_in k^2 s^2 products,
         far below a convolution on the grid."""
         rows = torch.tensor([r], device=weight.device)
-        block = polyphase_blocks_freq_last(weight, self.dft_grid, self.stride, self.dilation, self.groups,
-                                           coarse_rows=rows)[g, :, :, 0, c]  # (co_g, P)
+        block = polyphase_blocks_freq_first(weight, self.dft_grid, self.stride, self.dilation, self.groups,
+                                            coarse_rows=rows)[g, 0, c]  # (co_g, P)
         sq = (block @ vec.to(block.dtype)).abs().square().sum()
         return sq.clamp_min(self.eps**2).sqrt() / math.sqrt(self.stride[0] * self.stride[1])
 
@@ -163,8 +174,8 @@ class OperatorNormCap(nn.Module):
         The maximising frequency is found without grad on the precomputed blocks; the
         differentiable value is then that one block's norm on ``v(nu)`` (:meth:`_block_sigma`).
         """
-        g, r, c, _ = self._top_frequency(v, blocks)
-        return self._block_sigma(weight, g, r, c, v[g, :, r, c])
+        g, r, c = self._top_frequency(v, blocks)
+        return self._block_sigma(weight, g, r, c, v[g, r, c, :, 0])
 
     @torch.no_grad()
     def power_step(self, weight: Tensor, n_steps: int = 1, blocks: Tensor | None = None) -> None:
@@ -174,16 +185,17 @@ class OperatorNormCap(nn.Module):
         """
         w = weight.detach()
         blocks = self._blocks(w) if blocks is None else blocks
-        v = self._power(blocks, self._v_complex(w.dtype), n_steps)
-        self.v.copy_(torch.view_as_real(v))
+        self._store(self._power(blocks, self._v_columns(w.dtype), n_steps))
         self.n_updates += 1
 
     def _power(self, blocks: Tensor, v: Tensor, n_steps: int) -> Tensor:
-        """``n_steps`` of ``v <- B^H B v / ||B^H B v||`` on every block (a zero block keeps ``v``)."""
+        """``n_steps`` of ``v <- B^H B v / ||B^H B v||`` on every block (``v``: columns (G, M_h, L_w, P, 1);
+        a zero block keeps ``v``)."""
         for _ in range(n_steps):
-            y = (blocks * v[:, None]).sum(dim=2)  # (G, co_g, M_h, L_w)
-            z = (blocks.conj() * y[:, :, None]).sum(dim=1)  # (G, P, M_h, L_w)
-            nrm = z.abs().square().sum(dim=1, keepdim=True).sqrt()
+            # B^H y as (y^H B)^H: the conjugate transpose of the small factor, not of the blocks (a
+            # conjugated view of the blocks would be materialised by the batched product)
+            z = ((blocks @ v).mH @ blocks).mH  # (G, M_h, L_w, P, 1)
+            nrm = z.abs().square().sum(dim=-2, keepdim=True).sqrt()
             ok = torch.isfinite(nrm) & (nrm > self.eps)  # a zero block keeps its current direction
             v = torch.where(ok, z / nrm.clamp_min(self.eps), v)
         return v
@@ -203,14 +215,14 @@ class OperatorNormCap(nn.Module):
     @torch.no_grad()
     def _exact_init(self, blocks: Tensor) -> None:
         """Set every frequency's vector to its block's top right singular vector."""
-        self.v.copy_(torch.view_as_real(self._exact_vectors(blocks)))
+        self._store(self._exact_vectors(blocks))
 
     @torch.no_grad()
     def _exact_vectors(self, blocks: Tensor) -> Tensor:
-        """The top right singular vector of every DFT block, complex (G, P, M_h, L_w) (a block whose
+        """The top right singular vector of every DFT block, as columns (G, M_h, L_w, P, 1) (a block whose
         eigendecomposition is not finite keeps the stored vector)."""
-        old_v = self._v_complex(blocks.real.dtype)
-        b = blocks.permute(0, 3, 4, 1, 2).contiguous()  # (G, M_h, L_w, co_g, P); strided matmuls are slow
+        old = self._v_columns(blocks.real.dtype)[..., 0]  # (G, M_h, L_w, P)
+        b = blocks
         finite = torch.isfinite(b).all(dim=-1).all(dim=-1)[..., None]  # (G, M_h, L_w, 1)
         b = torch.where(finite[..., None], b, 0.0)
         try:
@@ -223,20 +235,17 @@ class OperatorNormCap(nn.Module):
         except torch.linalg.LinAlgError:
             # LAPACK gave up on some Gram matrix (repeated eigenvalues): converge the power
             # iteration instead, from the stored vectors
-            vec = self._power(blocks.nan_to_num(), old_v, 200).permute(0, 2, 3, 1)
+            vec = self._power(blocks.nan_to_num(), old[..., None], 200)[..., 0]
         ok = torch.isfinite(vec).all(dim=-1, keepdim=True) & finite
-        old = old_v.permute(0, 2, 3, 1)
-        v = torch.where(ok, vec.to(old.dtype), old)
-        return v.permute(0, 3, 1, 2).contiguous()
+        return torch.where(ok, vec.to(old.dtype), old).unsqueeze(-1)
 
     def sigma(self, weight: Tensor, blocks: Tensor | None = None) -> Tensor:
         """Current estimate ``max_nu ||B(nu) v(nu)|| / sqrt(s_h s_w)`` (a lower bound of the capped
         operator's norm), differentiable in ``weight``; ``blocks``: precomputed DFT blocks."""
-        v = self.v.clone() if self.training else self.v
         if blocks is None:
             with torch.no_grad():
                 blocks = self._blocks(weight)
-        return self._fft_sigma(weight, torch.view_as_complex(v.to(weight.dtype).contiguous()), blocks)
+        return self._fft_sigma(weight, self._v_columns(weight.dtype), blocks)
 
     def forward(self, weight: Tensor) -> Tensor:
         """Return ``weight / max(1, sigma / max_norm)``, advancing the power iteration in training mode
@@ -258,18 +267,18 @@ class OperatorNormCap(nn.Module):
         """``lambda_max(B(nu)^H B(nu))`` of every DFT block, (G, M_h, L_w): exact up to rounding
         (eigenvalues of the smaller Gram matrix, no vectors; a converged power iteration if LAPACK
         gives up on one)."""
-        b = blocks.permute(0, 3, 4, 1, 2).contiguous()  # (G, M_h, L_w, co_g, P); strided matmuls are slow
+        b = blocks
         gram = b.mH @ b if b.shape[-1] <= b.shape[-2] else b @ b.mH
         try:
             return torch.linalg.eigvalsh(gram)[..., -1]
         except torch.linalg.LinAlgError:
-            v = self._power(blocks, self._v_complex(blocks.real.dtype), 200)
-            return (blocks * v[:, None]).sum(dim=2).abs().square().sum(dim=1)
+            v = self._power(blocks, self._v_columns(blocks.real.dtype), 200)
+            return (blocks @ v).abs().square().sum(dim=(-2, -1))
 
     @torch.no_grad()
     def _top_vector(self, blocks: Tensor, g: int, r: int, c: int) -> Tensor:
         """The top right singular vector of the one block ``(g, r, c)``."""
-        block = blocks[g, :, :, r, c]  # (co_g, P)
+        block = blocks[g, r, c]  # (co_g, P)
         return torch.linalg.eigh(block.mH @ block)[1][:, -1]
 
     def _eval_forward(self, weight: Tensor) -> Tensor:
@@ -287,10 +296,8 @@ class OperatorNormCap(nn.Module):
                 if bool(torch.isfinite(w).all()):
                     blocks = self._blocks(w)
                     lam = self._top_eigenvalues(blocks).clamp_min(0.0)
-                    flat = int(torch.argmax(lam))
-                    g, rest = divmod(flat, lam.shape[1] * lam.shape[2])
-                    r, c = divmod(rest, lam.shape[2])
-                    exact = (lam.reshape(-1)[flat].sqrt() / math.sqrt(self.stride[0] * self.stride[1])).to(w.dtype)
+                    g, r, c = self._argmax_frequency(lam)
+                    exact = (lam[g, r, c].sqrt() / math.sqrt(self.stride[0] * self.stride[1])).to(w.dtype)
                     top = (g, r, c, self._top_vector(blocks, g, r, c))
                 else:  # a NaN or Inf weight: its capped weight is not finite either, and says so
                     exact, top = torch.full((), math.nan, dtype=w.dtype, device=w.device), None

@@ -62,7 +62,10 @@ class MeanOnlyGroupNorm(nn.Module):
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             raise ValueError(f"expected input of shape (B, {self.num_channels}, ...), got {tuple(x.shape)}")
         b, c = x.shape[:2]
-        mean = x.reshape(b, self.num_groups, -1).mean(dim=-1)  # (B, G)
+        if x.is_contiguous():
+            mean = x.reshape(b, self.num_groups, -1).mean(dim=-1)  # (B, G)
+        else:  # channels-last: the grouped reshape would copy x; spatial means first are a strided pass
+            mean = x.mean(dim=tuple(range(2, x.dim()))).view(b, self.num_groups, -1).mean(dim=-1)
         gamma = self.clamped_weight()
         scale = torch.full((c,), float(input_scale), dtype=mean.dtype, device=x.device)
         if gamma is not None:

@@ -144,7 +144,7 @@ def polyphase_grid(
     return (grid_size[0], grid_size[1])
 
 
-def polyphase_blocks_freq_last(
+def polyphase_blocks_freq_first(
     weight: Tensor,
     grid_size: tuple[int, int],
     stride: tuple[int, int] = (1, 1),
@@ -152,10 +152,12 @@ def polyphase_blocks_freq_last(
     groups: int = 1,
     coarse_rows: Tensor | None = None,
 ) -> Tensor:
-    """:func:`polyphase_dft_blocks` with the frequencies last: shape (G, co_g, s_h*s_w*ci_g, R, L_w).
+    """:func:`polyphase_dft_blocks` as one contiguous tensor of shape (G, R, L_w, co_g, s_h*s_w*ci_g).
 
-    One GEMM of the flattened kernel with the outer product of the 1-D DFT phases (exact integer
-    phases reduced mod N, computed in float64), then one permutation copy.
+    One GEMM of the outer product of the 1-D DFT phases (exact integer phases reduced mod N, computed in
+    float64) with the flattened kernel, whose output is already in this order for stride 1 and one
+    group (a permutation copy otherwise). Frequencies first, so that the per-frequency products of the
+    cap's power iteration and the eigen-solvers are batched matrix products over contiguous blocks.
     """
     n_h, n_w = grid_size
     s_h, s_w = stride
@@ -170,8 +172,8 @@ def polyphase_blocks_freq_last(
     if coarse_rows is None:
         coarse_rows = torch.arange(m_h, device=dev)
     nu_w = torch.arange(m_w // 2 + 1, device=dev)
-    rows = coarse_rows[None, :] + m_h * torch.arange(s_h, device=dev)[:, None]  # (s_h, R): nu + M_h e_h
-    cols = nu_w[None, :] + m_w * torch.arange(s_w, device=dev)[:, None]  # (s_w, L_w): nu_w + M_w e_w
+    rows = coarse_rows[:, None] + m_h * torch.arange(s_h, device=dev)[None, :]  # (R, s_h): nu + M_h e_h
+    cols = nu_w[:, None] + m_w * torch.arange(s_w, device=dev)[None, :]  # (L_w, s_w): nu_w + M_w e_w
     cdt = _complex_dtype(w.dtype)
 
     def phases(freq: Tensor, k: int, n: int) -> Tensor:  # (k, *freq.shape)
@@ -179,12 +181,13 @@ def polyphase_blocks_freq_last(
         ang = (-2.0 * math.pi / n) * prod.to(torch.float64)
         return torch.polar(torch.ones_like(ang), ang).to(cdt)
 
-    e_h, e_w = phases(rows, kh, n_h), phases(cols, kw, n_w)
-    r, lw = rows.shape[1], cols.shape[1]
-    basis = (e_h[:, None, :, :, None, None] * e_w[None, :, None, None, :, :]).reshape(kh * kw, -1)
-    k_hat = (w.reshape(co * ci_g, kh * kw).to(cdt) @ basis).reshape(co, ci_g, s_h, r, s_w, lw)
-    k_hat = k_hat.permute(0, 2, 4, 1, 3, 5)  # (co, s_h, s_w, ci_g, R, L_w)
-    return k_hat.reshape(groups, co // groups, s_h * s_w * ci_g, r, lw)
+    e_h, e_w = phases(rows, kh, n_h), phases(cols, kw, n_w)  # (kh, R, s_h), (kw, L_w, s_w)
+    r, lw = rows.shape[0], cols.shape[0]
+    # (kh, kw, R, L_w, s_h, s_w) -> rows (R, L_w, s_h, s_w), columns the taps
+    basis = (e_h[:, None, :, None, :, None] * e_w[None, :, None, :, None, :]).reshape(kh * kw, -1)
+    k_hat = (basis.T @ w.reshape(co * ci_g, kh * kw).T.to(cdt)).view(r, lw, s_h, s_w, co, ci_g)
+    k_hat = k_hat.permute(0, 1, 4, 2, 3, 5).reshape(r, lw, groups, co // groups, s_h * s_w * ci_g)
+    return k_hat.permute(2, 0, 1, 3, 4).contiguous()
 
 
 def polyphase_dft_blocks(
@@ -205,8 +208,8 @@ def polyphase_dft_blocks(
     the kernel is real, so the block of ``-nu`` is the conjugate of the block of ``nu`` (same
     singular values). Precision: complex64 for float32 weights, complex128 for float64.
     """
-    blocks = polyphase_blocks_freq_last(weight, grid_size, stride, dilation, groups, coarse_rows)
-    return blocks.permute(3, 4, 0, 1, 2)
+    blocks = polyphase_blocks_freq_first(weight, grid_size, stride, dilation, groups, coarse_rows)
+    return blocks.permute(1, 2, 0, 3, 4)
 
 
 def circular_conv_operator_norm(
