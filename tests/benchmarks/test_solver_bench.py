@@ -14,6 +14,9 @@ def test_solver_bench_reports_each_method_on_a_tiny_run():
         m = figures["methods"][method]
         assert m["time_per_solve_s"] > 0 and 1 <= m["f_evals"] <= 5
         assert method in report
+    a = figures["methods"]["anderson"]
+    assert 0 < a["outside_f_floor_fraction"] < 1 and a["history_bytes"] > 0
+    assert "history reads" in report
 
 
 def test_cli_passes_device_and_sizes_to_the_solver_bench(monkeypatch, capsys):
@@ -28,3 +31,37 @@ def test_cli_passes_device_and_sizes_to_the_solver_bench(monkeypatch, capsys):
     assert main(["bench", "solvers", "--device", "cpu", "--batch-size", "4", "--repeats", "2"]) == 0
     assert seen == {"batch_size": 4, "repeats": 2, "device": "cpu"}
     assert capsys.readouterr().out.strip() == "report"
+
+
+def test_anderson_history_bytes_counts_what_the_stepper_reads(monkeypatch):
+    """Oracle: the bytes of the history operands the stepper really hands to ``torch.bmm``."""
+    import torch
+
+    from lipdeq.solvers import solve
+
+    gen = torch.Generator().manual_seed(0)
+    batch, dim, m, evals = 3, 20, 3, 8
+    a = torch.randn(dim, dim, generator=gen, dtype=torch.float64) / dim**0.5
+    b = torch.randn(batch, dim, generator=gen, dtype=torch.float64)
+    read = []
+    bmm = torch.bmm
+
+    def counting_bmm(x, y):
+        read.append(y.numel() * y.element_size())  # the history slice is the second operand of both products
+        return bmm(x, y)
+
+    monkeypatch.setattr(torch, "bmm", counting_bmm)
+    sol = solve(lambda z: 0.5 * torch.tanh(z @ a.T) + b, torch.zeros(batch, dim, dtype=torch.float64),
+                "anderson", tol=1e-30, max_iter=evals, m=m)
+    assert sol.n_f_evals == evals
+    assert sum(read) == solvers.anderson_history_bytes(evals, m, batch * dim * 8)
+    assert solvers.anderson_history_bytes(14, 6, 1) == 63 + 62  # by hand: G 1+2+3+4+5+6*8, F 2+3+4+5+6*8
+
+
+def test_read_bandwidth_is_positive_and_finite():
+    import math
+
+    import torch
+
+    bw = solvers.read_bandwidth(torch.device("cpu"), 2**20, repeats=2)
+    assert 0 < bw < math.inf

@@ -19,6 +19,12 @@ iterate, so at the end both guarantee ``max_b rel_b < tol`` for their returned r
 both need the same number of evaluations, which the report shows.) The f evaluations are timed
 through a wrapper, so that time per solve splits into time in ``f`` and the solver's own overhead.
 Methods are interleaved within each repeat, so that load from other processes hits all alike.
+
+Type-II Anderson must read every stored image and residual once per iteration (the new row of the
+Gram matrix, then the mixed iterate), ``2 n B D`` scalars with ``n <= m`` stored pairs, however the
+history is laid out. The report puts that traffic next to a read bandwidth measured in the same run:
+the time it takes at that bandwidth, as a share of the solve, is a floor on Anderson's time outside
+``f`` on this machine (:func:`anderson_history_bytes`).
 """
 
 from __future__ import annotations
@@ -113,6 +119,37 @@ def _torchdeq_version() -> str | None:
         return "unknown"
 
 
+def anderson_history_bytes(f_evals: int, m: int, state_bytes: int) -> int:
+    """Bytes of history an Anderson solve of ``f_evals`` evaluations reads (memory ``m``, ``state_bytes``
+    = B D times the element size).
+
+    After evaluation k (every one but the last, which ends the loop) the step holds ``n = min(k, m)``
+    pairs: the Gram row reads the n residuals, and the mixing reads the n images when ``n >= 2`` (with
+    one pair the step is plain ``f(z)``).
+    """
+    slots = 0
+    for k in range(1, f_evals):
+        n = min(k, m)
+        slots += n + (n if n >= 2 else 0)
+    return slots * state_bytes
+
+
+def read_bandwidth(device: torch.device, nbytes: int, repeats: int = 5) -> float:
+    """Bytes per second of one streaming read (a ``sum``) of a float32 tensor of ``nbytes`` on ``device``,
+    the median of ``repeats`` after a warm-up. Take ``nbytes`` well above the last-level cache."""
+    x = torch.ones(max(nbytes // 4, 1), device=device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    x.sum()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(times)
+
+
 def _rel_residual(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> float:
     """Largest relative residual ``||f(z)-z|| / ||f(z)||`` over the batch (one extra evaluation)."""
     fz = f(z)
@@ -152,6 +189,10 @@ def run(
 ) -> dict:
     """Time our solvers and TorchDEQ's Anderson on the benchmark map; returns a dict of figures.
 
+    Our Anderson also reports ``history_bytes`` (what a solve reads of its history,
+    :func:`anderson_history_bytes`), ``read_bandwidth_bytes_per_s`` (:func:`read_bandwidth`, measured
+    here) and ``outside_f_floor_fraction``: the time of those reads at that bandwidth over the time in
+    ``f`` plus that time, a floor on ``outside_f_fraction`` for type-II Anderson with this memory.
     Per method: ``time_per_solve_s`` (median over ``repeats`` after a warm-up), ``f_evals`` per solve,
     ``time_per_f_eval_s``, ``outside_f_fraction`` (share of the solve's wall time not spent in ``f``,
     median), ``max_rel_residual`` (as reported by the solver), ``max_rel_residual_checked`` (recomputed
@@ -195,6 +236,14 @@ def run(
                 "statuses": row["statuses"],
                 "nstep_max": row["nstep_max"],
             }
+        # the floor of Anderson's time outside f: its history reads at the measured read bandwidth
+        state_bytes = z0.numel() * z0.element_size()
+        bandwidth = read_bandwidth(dev, max(256 * 2**20, 8 * OPTIONS["anderson"]["m"] * state_bytes))
+        a = results["anderson"]
+        history = anderson_history_bytes(a["f_evals"], OPTIONS["anderson"]["m"], state_bytes)
+        in_f = a["f_evals"] * a["time_per_f_eval_s"]
+        a.update(history_bytes=history, read_bandwidth_bytes_per_s=bandwidth,
+                 outside_f_floor_fraction=(history / bandwidth) / (in_f + history / bandwidth))
     ratio = ratio_best = None
     if "torchdeq_anderson" in results:
         ours, theirs = results["anderson"], results["torchdeq_anderson"]
@@ -229,6 +278,13 @@ def format_report(results: dict) -> str:
             f"{100 * r['outside_f_fraction']:8.1f}% {r['max_rel_residual']:9.2e} "
             f"{r['max_rel_residual_checked']:9.2e}  {statuses}"
         )
+    a = results["methods"].get("anderson", {})
+    if "outside_f_floor_fraction" in a:
+        lines.append(
+            f"anderson's history reads: {a['history_bytes'] / 2**20:.1f} MiB per solve; at the read bandwidth "
+            f"measured here ({a['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s) they alone take "
+            f"{100 * a['outside_f_floor_fraction']:.1f}% of a solve (the floor of its time outside f; measured "
+            f"{100 * a['outside_f_fraction']:.1f}%)")
     ratio = results.get("ratio_anderson_vs_torchdeq")
     if ratio is not None:
         best = results.get("ratio_anderson_vs_torchdeq_best")

@@ -38,10 +38,11 @@ class CompileModeError(LipdeqError, ValueError):
     """An unknown ``torch.compile`` mode was requested."""
 
 
-def layer_step(layer: MultiscaleLayer, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def layer_step(layer: MultiscaleLayer, z: torch.Tensor, u: torch.Tensor, zero_state: bool = False) -> torch.Tensor:
     """One application of f on the flat ``(B, D)`` state, in ``z``'s dtype (under autocast the layer
-    computes in low precision; the state stays in the solver's dtype)."""
-    return layer.pack(layer(layer.unpack(z), u)).to(z.dtype)
+    computes in low precision; the state stays in the solver's dtype). ``zero_state``: ``z`` is known to
+    be exactly zero (see :meth:`MultiscaleLayer.forward`)."""
+    return layer.pack(layer(layer.unpack(z), u, zero_state=zero_state)).to(z.dtype)
 
 
 class CompiledStep:

@@ -97,8 +97,18 @@ class ResidualBlock(nn.Module):
         self.act = ScaledReLU(cfg.relu_slope)
         self.drop = VariationalDropout2d(cfg.dropout, rescale=cfg.dropout_rescale)
 
-    def forward(self, z: torch.Tensor, injection: torch.Tensor | None = None) -> torch.Tensor:
-        h = norm_act(self.gn1, self.act, self.conv1(z))
+    def forward(
+        self, z: torch.Tensor, injection: torch.Tensor | None = None, *, zero_state: bool = False
+    ) -> torch.Tensor:
+        """``zero_state``: the caller guarantees that ``z`` is exactly zero, so that the first conv (bias-free)
+        is skipped: its output is exactly zero too, unless its weight is not finite (then it runs, and the
+        NaN shows), or under autocast (then it runs, in autocast's dtype)."""
+        skip = zero_state and not torch.is_autocast_enabled(z.device.type)
+        if skip and bool(torch.isfinite(self.conv1.weight).all()):
+            h = z.new_zeros((z.shape[0], self.conv1.out_channels, *z.shape[2:]))
+        else:
+            h = self.conv1(z)
+        h = norm_act(self.gn1, self.act, h)
         h = self.drop(self.conv2(h))
         if injection is not None:
             h = h + injection
@@ -232,9 +242,14 @@ class MultiscaleLayer(nn.Module):
         for block, z in zip(self.branches, zs):
             block.drop.reset_mask(z, generator=generator)
 
-    def forward(self, zs: list[torch.Tensor], injection: torch.Tensor) -> list[torch.Tensor]:
+    def forward(
+        self, zs: list[torch.Tensor], injection: torch.Tensor, *, zero_state: bool = False
+    ) -> list[torch.Tensor]:
+        """f of the branch states ``zs``. ``zero_state``: the caller guarantees that every state is exactly
+        zero (the solvers' first evaluation, at ``z0 = 0``); the blocks then skip their first conv."""
         n = len(self.branches)
-        blocks = [blk(z, injection if i == 0 else None) for i, (blk, z) in enumerate(zip(self.branches, zs))]
+        blocks = [blk(z, injection if i == 0 else None, zero_state=zero_state)
+                  for i, (blk, z) in enumerate(zip(self.branches, zs))]
         out = []
         for i in range(n):
             fused = None

@@ -141,11 +141,22 @@ class MultiscaleDEQ(nn.Module):
         if self.training:
             self.layer.reset_dropout(zs, generator=generator)
         layer, step = self.layer, self.compiled_step
+        z0 = layer.pack(zs)
+        # The solvers' first evaluation is at this z0 (the budgeted forward's f(0), Anderson's first
+        # step), where the blocks' first convs give exact zeros and can be skipped. z0 is recognised
+        # as itself or a view of it: the same storage, shape and strides, and an unchanged version
+        # counter (which views and detached aliases share), so a state written in place never is. Not
+        # when z carries a graph: the vector-Jacobian products need the skipped conv's Jacobian.
+        zero_key = (z0.data_ptr(), z0.shape, z0.stride(), z0._version)
 
         def f(z: torch.Tensor, *, eager: bool = False) -> torch.Tensor:
-            return layer_step(layer, z, u) if step is None or eager else step(layer, z, u)
+            if step is not None and not eager:
+                return step(layer, z, u)
+            zero = (z.data_ptr(), z.shape, z.stride(), z0._version) == zero_key
+            zero = zero and not (z.requires_grad and torch.is_grad_enabled())
+            return layer_step(layer, z, u, zero_state=zero)
 
-        return f, layer.pack(zs)
+        return f, z0
 
     @contextlib.contextmanager
     def cached_weights(self) -> Iterator[None]:
