@@ -107,3 +107,18 @@ def test_no_skip_when_the_state_carries_a_graph_or_a_weight_is_not_finite():
         model.layer.branches[0].conv1.parametrizations.weight.original0.fill_(float("nan"))
         f, z0 = model.fixed_point_problem(x)
         assert torch.isnan(f(z0)).any()  # the NaN weight shows at once, not one evaluation later
+
+
+def test_inference_mode_evaluates_without_the_skip():
+    """Inference tensors have no version counter: f(z0) runs the convs and gives the same value."""
+    from lipdeq.models import MultiscaleDEQ
+
+    torch.manual_seed(0)
+    model = MultiscaleDEQ(model_config("lipmdeq_tiny", **SMALL)).double().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+    calls = _conv1_calls(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-12)
+    assert calls

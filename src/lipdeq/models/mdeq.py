@@ -146,13 +146,14 @@ class MultiscaleDEQ(nn.Module):
         # step), where the blocks' first convs give exact zeros and can be skipped. z0 is recognised
         # as itself or a view of it: the same storage, shape and strides, and an unchanged version
         # counter (which views and detached aliases share), so a state written in place never is. Not
-        # when z carries a graph: the vector-Jacobian products need the skipped conv's Jacobian.
-        zero_key = (z0.data_ptr(), z0.shape, z0.stride(), z0._version)
+        # when z carries a graph: the vector-Jacobian products need the skipped conv's Jacobian. Not under
+        # torch.inference_mode either, whose tensors have no version counter.
+        zero_key = None if z0.is_inference() else (z0.data_ptr(), z0.shape, z0.stride(), z0._version)
 
         def f(z: torch.Tensor, *, eager: bool = False) -> torch.Tensor:
             if step is not None and not eager:
                 return step(layer, z, u)
-            zero = (z.data_ptr(), z.shape, z.stride(), z0._version) == zero_key
+            zero = zero_key is not None and (z.data_ptr(), z.shape, z.stride(), z0._version) == zero_key
             zero = zero and not (z.requires_grad and torch.is_grad_enabled())
             return layer_step(layer, z, u, zero_state=zero)
 
