@@ -159,3 +159,42 @@ def test_training_with_and_without_budgets_follows_the_same_losses():
     a, b = _first_gradient("certified", 1e-6), _first_gradient("residual", 1e-6)
     assert float((a - b).norm() / b.norm()) < 1e-5
     assert abs(certified[-1] - certified[0]) > 0.01  # the losses move
+
+
+def test_running_certificate_refreshes_before_its_drift_raises_the_budget(monkeypatch):
+    """With refreshes on the schedule pushed out of reach, Adam's steps make the running bound drift:
+    the model refreshes exactly when the drifted value would buy more evaluations or adjoint terms than
+    the value of the last refresh, so every step solves with the budget of a refreshed value. Without
+    the early refresh (the plain running value) the drift raises the budget above the refreshed one."""
+    from lipdeq.gradients.budgeted import budget_counts
+
+    def run(adaptive: bool) -> tuple[int, int]:
+        torch.manual_seed(0)
+        cfg = model_config("lipmdeq_tiny", **SMALL, certificate_refresh=10_000, conv_init_std=0.05)
+        model = MultiscaleDEQ(cfg)
+        if not adaptive:
+            monkeypatch.setattr(model, "_training_bound", lambda: model.running_certificate(training=True).value)
+        opt = torch.optim.Adam(model.parameters(), lr=0.02)
+        model.train()
+        raised = early = 0
+        for step in range(12):
+            x, y = _batch(4, 8, seed=step)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SolverWarning)
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            stats, running = model.solver_stats(), model.running_certificate
+            budget = budget_counts(model.last_lipschitz, cfg.f_tol, cfg.b_tol)
+            # the solve used that budget: its forward may stop early on the a-posteriori bound
+            assert stats["forward_f_evals"] <= min(budget[0], cfg.f_thres)
+            assert stats["backward_vjps"] == min(budget[1], cfg.b_thres)
+            raised += any(b > r for b, r in zip(budget, budget_counts(running.reference, cfg.f_tol, cfg.b_tol)))
+            early += step > 0 and running.age == 0
+            opt.step()
+            opt.zero_grad()
+        return raised, early
+
+    raised, early = run(adaptive=True)
+    assert raised == 0 and early >= 1
+    raised, early = run(adaptive=False)
+    assert raised >= 1 and early == 0

@@ -28,7 +28,7 @@ import torch
 
 from lipdeq.solvers import Solution, Status
 
-__all__ = ["apriori_steps", "budgeted_fixed_point", "record_jfb_error"]
+__all__ = ["apriori_steps", "budget_counts", "budgeted_fixed_point", "record_jfb_error"]
 
 _CONVERGED, _MAX_ITER, _NON_FINITE = int(Status.CONVERGED), int(Status.MAX_ITER), int(Status.NON_FINITE)
 
@@ -45,6 +45,16 @@ def apriori_steps(L: float, ratio: float) -> int:
     while L**k > ratio:
         k += 1
     return k
+
+
+def budget_counts(L: float, f_tol: float, b_tol: float) -> tuple[int, int]:
+    """``(forward evaluations, adjoint terms)`` of a certified budget with relative tolerances from
+    ``z0 = 0`` (the model's case), as :func:`budgeted_fixed_point` sets them; ``(inf, inf)`` for
+    ``L`` outside [0, 1). Monotone in ``L``."""
+    if not 0.0 <= L < 1.0:
+        return (math.inf, math.inf)  # type: ignore[return-value]
+    return (max(apriori_steps(L, f_tol * (1.0 - L) / (1.0 + L)), 1),
+            max(apriori_steps(L, b_tol * (1.0 - L) / (1.0 + L)) - 1, 0))
 
 
 def _norms(x: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,12 @@ and the product form is never below the tightened certificate, so the running va
 the exact FFT certificate of the same weights. It costs one pass over f's weights and the
 composition, no FFT.
 
-Refreshes happen every ``refresh_every`` training-mode calls and after :meth:`reset` (the trainer
+Refreshes happen every ``refresh_every`` training-mode calls, after :meth:`reset` (the trainer
 resets at every checkpoint and resume, so that a resumed run sees the same bounds, hence the same
-solver budgets, as the run it continues).
+solver budgets, as the run it continues), and when the caller asks (``refresh=True``: the model does
+when the drifted bound would buy a larger solver budget than the value of the last refresh). Every
+one of these depends only on the weights and the calls since the last reset, so a resumed run
+refreshes where the run it continues did.
 """
 
 from __future__ import annotations
@@ -44,11 +47,13 @@ class RunningBound:
         value: certified upper bound of Lip(f) in z (l2, the training-time map unless asked otherwise).
         refreshed: True when this call recomputed every conv's exact FFT norm.
         age: calls since the last refresh (0 at a refresh).
+        reference: the value at the last refresh (exact conv norms, the same product form).
     """
 
     value: float
     refreshed: bool
     age: int
+    reference: float
 
 
 class RunningCertificate:
@@ -64,11 +69,23 @@ class RunningCertificate:
         self.refresh_every = check_int("refresh_every", refresh_every, minimum=1)
         self._refs: dict[nn.Module, tuple[torch.Tensor, float]] = {}
         self._age: int | None = None
+        self._reference = math.inf
+
+    @property
+    def age(self) -> int | None:
+        """Training-mode calls since the last refresh (0 right after one; None before the first)."""
+        return self._age
+
+    @property
+    def reference(self) -> float:
+        """The value at the last refresh (inf before the first)."""
+        return self._reference
 
     def reset(self) -> None:
         """Forget the stored weights: the next call refreshes."""
         self._refs = {}
         self._age = None
+        self._reference = math.inf
 
     def _exact(self, conv: nn.Conv2d, spec: ConvSpec) -> float:
         w = conv.weight.detach().to(torch.float64)
@@ -89,16 +106,17 @@ class RunningCertificate:
         bound = norm_ref + float(torch.linalg.matrix_norm(taps, ord=2).sum())
         return bound if math.isfinite(bound) else math.inf
 
-    def __call__(self, *, training: bool = True) -> RunningBound:
+    def __call__(self, *, training: bool = True, refresh: bool = False) -> RunningBound:
         """The bound for the current weights; ``training``: of the training-time map (the default;
-        its dropout factor also covers the eval map). Only training-mode calls age the reference."""
-        refresh = self._age is None or self._age >= self.refresh_every
+        its dropout factor also covers the eval map); ``refresh``: recompute the exact norms now. Only
+        training-mode calls age the reference."""
+        refresh = refresh or self._age is None or self._age >= self.refresh_every
         if refresh:
             self._refs = {}
         cert = layer_certificate(self.layer, training=training, tighten=False,
                                  conv_norm=self._exact if refresh else self._updated)
         if refresh:
-            self._age = 0
+            self._age, self._reference = 0, float(cert.value)
         elif training:
             self._age += 1
-        return RunningBound(float(cert.value), refresh, self._age)
+        return RunningBound(float(cert.value), refresh, self._age, self._reference)
