@@ -132,10 +132,10 @@ class OperatorNormCap(nn.Module):
         w = weight.detach()
         return polyphase_blocks_freq_first(w, self.dft_grid, self.stride, self.dilation, self.groups)
 
-    def _v_columns(self, dtype: torch.dtype, v: Tensor | None = None) -> Tensor:
-        """The stored vectors (buffer layout (G, P, M_h, L_w, 2), default ``self.v``) as complex columns
+    def _v_columns(self, dtype: torch.dtype) -> Tensor:
+        """The stored vectors ``self.v`` (buffer layout (G, P, M_h, L_w, 2)) as complex columns
         (G, M_h, L_w, P, 1), the layout the batched products with the blocks take."""
-        v = self.v if v is None else v
+        v = self.v
         # always a fresh copy: a graph that saved it must not see later power steps on the buffer
         return torch.view_as_complex(v.to(dtype).permute(0, 2, 3, 1, 4).clone(memory_format=torch.contiguous_format)
                                      ).unsqueeze(-1)
@@ -222,7 +222,7 @@ class OperatorNormCap(nn.Module):
         """The top right singular vector of every DFT block, as columns (G, M_h, L_w, P, 1) (a block whose
         eigendecomposition is not finite keeps the stored vector)."""
         old = self._v_columns(blocks.real.dtype)[..., 0]  # (G, M_h, L_w, P)
-        b = blocks
+        b = blocks  # (G, M_h, L_w, co_g, P)
         finite = torch.isfinite(b).all(dim=-1).all(dim=-1)[..., None]  # (G, M_h, L_w, 1)
         b = torch.where(finite[..., None], b, 0.0)
         try:
@@ -267,7 +267,7 @@ class OperatorNormCap(nn.Module):
         """``lambda_max(B(nu)^H B(nu))`` of every DFT block, (G, M_h, L_w): exact up to rounding
         (eigenvalues of the smaller Gram matrix, no vectors; a converged power iteration if LAPACK
         gives up on one)."""
-        b = blocks
+        b = blocks  # (G, M_h, L_w, co_g, P), contiguous
         gram = b.mH @ b if b.shape[-1] <= b.shape[-2] else b @ b.mH
         try:
             return torch.linalg.eigvalsh(gram)[..., -1]
