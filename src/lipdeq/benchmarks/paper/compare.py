@@ -14,7 +14,7 @@ from typing import Any
 
 from lipdeq.benchmarks.paper.profiles import TARGETS
 
-__all__ = ["compare_pair", "eval_at", "median", "points", "ratio", "summary_and_targets", "z_score"]
+__all__ = ["compare_pair", "equal_step", "eval_at", "median", "points", "ratio", "summary_and_targets", "z_score"]
 
 
 def median(values: Sequence[float | None]) -> float:
@@ -44,16 +44,31 @@ def eval_at(entry: dict[str, Any], *, max_step: int | None = None, max_elapsed: 
     return ok[-1] if ok else None
 
 
+def equal_step(lip: dict[str, Any], base: dict[str, Any]) -> int | None:
+    """The largest step at which both runs were evaluated, at most the shorter run's length.
+
+    Usually the shorter run's last step: the Lipschitz run keeps a snapshot at the baseline's step
+    count. When the Lipschitz run stops first (its time budget ran out, as on tiny test models whose
+    fixed per-step costs dominate), the baseline may have no evaluation at that step; comparing the
+    nearest earlier one would compare different steps, so the comparison moves to a common step.
+    ``None`` when the runs share no evaluated step.
+    """
+    limit = min(lip["steps"], base["steps"])
+    common = {e["step"] for e in lip["evals"]} & {e["step"] for e in base["evals"]}
+    return max((s for s in common if s <= limit), default=None)
+
+
 def compare_pair(lip: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     """Speed-ups and accuracies of a Lipschitz model against a baseline."""
-    n = min(lip["steps"], base["steps"])
+    n = equal_step(lip, base)
     t = min(lip["train_seconds"], base["train_seconds"])
-    lip_n, base_n = eval_at(lip, max_step=n), eval_at(base, max_step=n)
+    lip_n, base_n = (eval_at(lip, max_step=n), eval_at(base, max_step=n)) if n else (None, None)
     # a run stops at the first step past its budget: allow one (median) step beyond t
     lip_t = eval_at(lip, max_elapsed=t + lip["step_time_all"])
     base_t = eval_at(base, max_elapsed=t + base["step_time_all"])
-    half = [r["step_time"] for r in lip["records"] if n / 2 < r["step"] <= n]
-    half_b = [r["step_time"] for r in base["records"] if n / 2 < r["step"] <= n]
+    m = n or 0  # no common step: no equal-steps window
+    half = [r["step_time"] for r in lip["records"] if m / 2 < r["step"] <= m]
+    half_b = [r["step_time"] for r in base["records"] if m / 2 < r["step"] <= m]
 
     def acc(e: dict | None) -> dict[str, Any]:
         return {"accuracy": e["accuracy"], "accuracy_se": e["accuracy_se"], "step": e["step"],

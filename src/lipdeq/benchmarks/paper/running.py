@@ -228,12 +228,16 @@ def measure_run(run: TrainedRun, *, is_lipschitz: bool, others: Sequence[Trained
     """Evaluations, probes (init, middle, end), certificates and residual traces of one trained run.
 
     ``others`` are the runs of the other kind (the baselines of a Lipschitz model and vice versa):
-    the snapshot at each one's step count is always evaluated, for the equal-steps comparison.
+    the last snapshot step both runs share, at most the shorter run's length (normally the shorter
+    run's step count), is always evaluated, for the equal-steps comparison.
     """
     final = max(run.snapshots)
     middle = min(run.snapshots, key=lambda s: (abs(s - final / 2), s))
     required = {final, middle}
-    required |= {max((s for s in run.snapshots if s <= o.steps), default=min(run.snapshots)) for o in others}
+    for o in others:
+        common = [s for s in run.snapshots if s in o.snapshots and s <= min(run.steps, o.steps)]
+        if common:
+            required.add(max(common))
     eval_steps = choose_evals(list(run.snapshots), required, prof.max_evals)
     log(f"evaluating {run.name} at steps {eval_steps}; probing at 0, {middle}, {final}")
     init_model = model_from_state(run.cfg, None, dev, seed)
