@@ -62,6 +62,14 @@ def test_bad_z0_and_f_raise() -> None:
         solve(half, torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="NaN or Inf"):
         solve(half, torch.tensor([[0.0, float("nan")]]))
+    for bad in (float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            solve(half, torch.tensor([[1.0, 2.0], [0.0, bad]]))
+    # finite entries whose squares overflow float32 make the norm inf: still a finite z0
+    huge = torch.tensor([[3e38, -3e38], [1.0, 2.0]])
+    assert torch.isinf(torch.linalg.vector_norm(huge, dim=1)[0])
+    sol = solve(half, huge, max_iter=1)  # no error; the huge sample stops on its overflowing norm
+    assert torch.equal(sol.value[1], half(huge)[1]) and sol.status[0] == Status.DIVERGED
     with pytest.raises(TypeError, match="callable"):
         solve(3, Z0)
     with pytest.raises(ValueError, match=r"\(2, 3\).*\(2, 4\)"):
@@ -148,6 +156,34 @@ def test_devices_and_dtypes(device: str, dtype: torch.dtype, method: str) -> Non
         assert t.device.type == device
     assert sol.value.dtype == dtype and sol.error_bound.dtype == dtype
     assert sol.all_converged
+
+
+@pytest.mark.parametrize("method", ["picard", "anderson", "broyden"])
+def test_f_that_writes_every_result_into_one_buffer_is_refused(method: str) -> None:
+    """The methods keep earlier images by reference, and Picard's next input is the last image: an f that
+    returns the same buffer every call overwrites them (without the check, Picard "converged" after two
+    evaluations to a point that is not the fixed point). A clear error instead; the same f with a copy solves."""
+    g = torch.Generator().manual_seed(5)
+    W = 0.7 * torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=f64)).Q
+    x = torch.randn(4, 8, generator=g, dtype=f64)
+    buf = torch.empty(4, 8, dtype=f64)
+
+    def fresh(z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z @ W.T + x)
+
+    z0 = torch.zeros(4, 8, dtype=f64)
+    with pytest.raises(ValueError, match="changed its previous result in place"):
+        solve(lambda z: buf.copy_(fresh(z)), z0, method, tol=1e-10, max_iter=60)
+    ref = solve(fresh, z0, method, tol=1e-10, max_iter=60)
+    sol = solve(lambda z: buf.copy_(fresh(z)).clone(), z0, method, tol=1e-10, max_iter=60)
+    assert ref.all_converged and sol.n_f_evals == ref.n_f_evals
+    torch.testing.assert_close(sol.value, ref.value, rtol=0, atol=0)
+    if method == "picard":  # its next input is its last result: an f that changes its input changes that
+        with pytest.raises(ValueError, match="changed its previous result in place"):
+            solve(lambda z: fresh(z.mul_(1.0)), z0, method, tol=1e-10, max_iter=60)
+    # a constant map may return one tensor every time (not written to): accepted
+    c = fresh(z0)
+    assert solve(lambda z: c, z0, method, tol=1e-10, max_iter=5).all_converged
 
 
 def test_same_fixed_point_as_torchdeq_anderson() -> None:

@@ -76,6 +76,60 @@ def test_anderson_terminates_like_gmres_on_linear_maps() -> None:
     assert float((sol.value - z_star).norm(dim=1).max()) < 1e-8
 
 
+def _anderson_reference(f_one, x0: list[float], m: int, lam: float, beta: float, steps: int) -> list[list[float]]:
+    """Type-II Anderson on one sample in plain Python floats, straight from the module's formula: the
+    points at which it evaluates f. ``alpha = H^-1 1 / 1^T H^-1 1``, ``H = G G^T + lam diag(G G^T)``."""
+    xs, fs, points = [], [], []
+    x = list(x0)
+    for _ in range(steps):
+        points.append(x)
+        fx = f_one(x)
+        xs, fs = (xs + [x])[-m:], (fs + [fx])[-m:]
+        gs = [[a - b for a, b in zip(fi, xi)] for fi, xi in zip(fs, xs)]
+        n = len(gs)
+        H = [[sum(a * b for a, b in zip(gi, gk)) for gk in gs] for gi in gs]
+        for i in range(n):
+            H[i][i] *= 1.0 + lam
+        # Gauss-Jordan on [H | 1]
+        aug = [row[:] + [1.0] for row in H]
+        for c in range(n):
+            p = max(range(c, n), key=lambda r: abs(aug[r][c]))
+            aug[c], aug[p] = aug[p], aug[c]
+            for r in range(n):
+                if r != c:
+                    q = aug[r][c] / aug[c][c]
+                    aug[r] = [a - q * b for a, b in zip(aug[r], aug[c])]
+        w = [aug[i][n] / aug[i][i] for i in range(n)]
+        alpha = [wi / sum(w) for wi in w]
+        x = [sum(alpha[i] * (xs[i][d] + beta * gs[i][d]) for i in range(n)) for d in range(len(x0))]
+    return points
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.7])
+def test_anderson_iterates_match_a_plain_reference(beta: float) -> None:
+    """Oracle for the history and the mixing: every point at which the solver evaluates f equals that
+    of a scalar re-implementation of the formula (float64, past the memory so the ring wraps)."""
+    B, D, m, steps = 3, 5, 3, 9
+    g = torch.Generator().manual_seed(4)
+    W = 0.8 * torch.linalg.qr(torch.randn(D, D, generator=g, dtype=f64)).Q
+    b = torch.randn(B, D, generator=g, dtype=f64)
+    seen: list[torch.Tensor] = []
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        seen.append(z.clone())
+        return torch.tanh(z @ W.T + b)
+
+    solve(f, torch.zeros(B, D, dtype=f64), "anderson", tol=1e-300, stop_mode="abs", max_iter=steps, m=m,
+          lam=1e-4, beta=beta)
+    assert len(seen) == steps
+    for s in range(B):
+        def f_one(x: list[float], s: int = s) -> list[float]:
+            return torch.tanh(torch.tensor(x, dtype=f64) @ W.T + b[s]).tolist()
+
+        ref = torch.tensor(_anderson_reference(f_one, [0.0] * D, m, 1e-4, beta, steps), dtype=f64)
+        torch.testing.assert_close(torch.stack([z[s] for z in seen]), ref, rtol=1e-9, atol=1e-12)
+
+
 def test_broyden_terminates_on_linear_maps() -> None:
     """Good Broyden solves a D-dimensional linear system in at most 2D steps (Gay, 1979)."""
     D = 6

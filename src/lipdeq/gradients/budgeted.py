@@ -47,14 +47,23 @@ def apriori_steps(L: float, ratio: float) -> int:
     return k
 
 
+def _relative_forward_evals(L: float, f_tol: float) -> int:
+    """Evaluations K of a relative-tolerance forward from ``z0 = 0`` (before the ``max_iter`` cap)."""
+    return max(apriori_steps(L, f_tol * (1.0 - L) / (1.0 + L)), 1)
+
+
+def _relative_adjoint_terms(L: float, b_tol: float) -> int:
+    """Neumann terms k of a relative-tolerance adjoint (before the ``b_max_iter`` cap)."""
+    return max(apriori_steps(L, b_tol * (1.0 - L) / (1.0 + L)) - 1, 0)
+
+
 def budget_counts(L: float, f_tol: float, b_tol: float) -> tuple[int, int]:
     """``(forward evaluations, adjoint terms)`` of a certified budget with relative tolerances from
-    ``z0 = 0`` (the model's case), as :func:`budgeted_fixed_point` sets them; ``(inf, inf)`` for
-    ``L`` outside [0, 1). Monotone in ``L``."""
+    ``z0 = 0`` (the model's case), as :func:`budgeted_fixed_point` sets them (before its iteration
+    caps); ``(inf, inf)`` for ``L`` outside [0, 1). Monotone in ``L``."""
     if not 0.0 <= L < 1.0:
         return (math.inf, math.inf)  # type: ignore[return-value]
-    return (max(apriori_steps(L, f_tol * (1.0 - L) / (1.0 + L)), 1),
-            max(apriori_steps(L, b_tol * (1.0 - L) / (1.0 + L)) - 1, 0))
+    return _relative_forward_evals(L, f_tol), _relative_adjoint_terms(L, b_tol)
 
 
 def _norms(x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +85,7 @@ def _solution(value, status, nstep, abs_r, fz_norm, bound, n_evals, stop_mode, t
 def _forward_count(L: float, f_tol: float, stop_mode: str, max_iter: int, first: torch.Tensor | None) -> int:
     """Total evaluations K of the forward; ``first``: per-sample ``||f(z0) - z0|| / target`` (abs mode)."""
     if first is None:  # relative tolerance from z0 = 0: independent of the data
-        k = apriori_steps(L, f_tol * (1.0 - L) / (1.0 + L))
+        k = _relative_forward_evals(L, f_tol)
     else:  # L^K / (1 - L) d_b <= target_b for every sample
         worst = float(first.max())
         k = 1 if worst == 0.0 else (max_iter if not math.isfinite(worst) else apriori_steps(L, (1.0 - L) / worst))
@@ -166,7 +175,7 @@ def budgeted_fixed_point(
         return record_jfb_error(z_ret, sol, L, b_tol), sol
 
     if stop_mode == "rel":
-        k_terms = min(apriori_steps(L, b_tol * (1.0 - L) / (1.0 + L)) - 1, b_max_iter)
+        k_terms = min(_relative_adjoint_terms(L, b_tol), b_max_iter)
     else:
         k_terms = None  # from ||g|| in the hook
 
@@ -181,7 +190,7 @@ def budgeted_fixed_point(
             k = 0 if worst == 0.0 else apriori_steps(L, b_tol * (1.0 - L) / worst) - 1
             k = min(max(k, 0), b_max_iter)
         else:
-            k = max(k_terms, 0)
+            k = k_terms
         w, step = g0, g0
         for _ in range(k):
             (step,) = torch.autograd.grad(z_out, z_in, step, retain_graph=True)  # (J^T)^i g

@@ -101,11 +101,13 @@ class ResidualBlock(nn.Module):
         self, z: torch.Tensor, injection: torch.Tensor | None = None, *, zero_state: bool = False
     ) -> torch.Tensor:
         """``zero_state``: the caller guarantees that ``z`` is exactly zero, so that the first conv (bias-free)
-        is skipped: its output is exactly zero too, unless its weight is not finite (then it runs, and the
-        NaN shows), or under autocast (then it runs, in autocast's dtype)."""
-        skip = zero_state and not torch.is_autocast_enabled(z.device.type)
-        if skip and bool(torch.isfinite(self.conv1.weight).all()):
-            h = z.new_zeros((z.shape[0], self.conv1.out_channels, *z.shape[2:]))
+        is skipped: its output is exactly zero too, unless its weight is not finite (then it is NaN, and the
+        NaN shows), or under autocast (then the conv runs, in autocast's dtype)."""
+        if zero_state and not torch.is_autocast_enabled(z.device.type):
+            # 0 * sum(weight): exact zeros, or NaN everywhere if a weight is not finite, as the conv would
+            # give (NaN or Inf times 0); no host synchronisation to test the weight first
+            zero = (self.conv1.weight.sum() * 0).to(z.dtype)
+            h = zero.expand(z.shape[0], self.conv1.out_channels, *z.shape[2:]).contiguous()
         else:
             h = self.conv1(z)
         h = norm_act(self.gn1, self.act, h)

@@ -30,12 +30,18 @@ class Stepper(Protocol):
     def residual_out(self) -> torch.Tensor | None:
         """A ``(B, D)`` buffer the driver may write the next residual into, or None."""
 
+    def residual_sq_norm(self, g: torch.Tensor) -> torch.Tensor | None:
+        """The squared norms ``(B,)`` of the new residual ``g`` when the method computes them anyway
+        (so the driver saves a pass over the state), or None. Called right after ``g`` is formed, before
+        the driver's checks: ``g`` may still hold non-finite rows, whose samples stop there."""
+
     def step(self, z: torch.Tensor, fz: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Return the next iterate (the driver masks it for stopped samples)."""
 
 
-def check_z0(z0: object) -> torch.Tensor:
-    """Validate the initial state and return it as a detached ``(B, D)`` view (never written to)."""
+def check_z0(z0: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate the initial state; return it as a detached ``(B, D)`` view (never written to) and its
+    per-sample norms (the driver's divergence limit needs them)."""
     if not isinstance(z0, torch.Tensor):
         raise TypeError(f"z0 must be a torch.Tensor of shape (B, ...), got {type(z0).__name__}")
     if z0.dim() == 0:
@@ -58,9 +64,12 @@ def check_z0(z0: object) -> torch.Tensor:
     z = z0.detach().reshape(z0.shape[0], -1)
     if z.shape[1] == 0:
         raise ValueError(f"z0 has no elements per sample: shape {tuple(z0.shape)}")
-    if not bool(torch.isfinite(z).all()):
+    # One pass instead of isfinite's three: NaN and Inf propagate into the norms, so finite norms mean a
+    # finite z0; only a non-finite norm (or a finite z0 whose squares overflow) takes the exact check.
+    norms = torch.linalg.vector_norm(z, dim=1)
+    if not bool(torch.isfinite(norms).all()) and not bool(torch.isfinite(z).all()):
         raise ValueError("z0 contains NaN or Inf")
-    return z
+    return z, norms
 
 
 def check_lipschitz(lipschitz: float | torch.Tensor | None, z: torch.Tensor) -> torch.Tensor | None:
@@ -98,6 +107,8 @@ def flat_map(f: Callable[[torch.Tensor], torch.Tensor], shape: torch.Size, z: to
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
 
+    last: list[tuple[torch.Tensor, int]] = []  # the previous image and its version counter
+
     def ff(x: torch.Tensor) -> torch.Tensor:
         out = f(x.view(shape))
         if not isinstance(out, torch.Tensor):
@@ -108,7 +119,19 @@ def flat_map(f: Callable[[torch.Tensor], torch.Tensor], shape: torch.Size, z: to
         if out.dtype != z.dtype or out.device != z.device:
             raise TypeError(f"f must preserve dtype and device: input {z.dtype} on {z.device}, "
                             f"output {out.dtype} on {out.device}")
-        return out.detach().reshape(z.shape)
+        out = out.detach().reshape(z.shape)
+        # The methods keep earlier images by reference (the best iterate's image, Anderson's history,
+        # Picard's next iterate, which is f's next input). An f that writes each result into one buffer
+        # of its own (or changes its input in place) has overwritten them by the time it returns, so
+        # nothing can be repaired here: refuse. The version counter tells a write from a constant map
+        # that returns one tensor every time. Inference-mode tensors have no version counter.
+        if last and last[0][0]._version != last[0][1]:
+            raise ValueError(
+                "f changed its previous result in place (for example, it writes every result into one buffer "
+                "and returns it, or modifies its input): the solver keeps earlier results of f, and its next "
+                "input is one of them. Return a new tensor from f (for example buf.clone())")
+        last[:] = [] if out.is_inference() else [(out, out._version)]
+        return out
 
     return ff
 
@@ -126,8 +149,11 @@ def drive(
     divergence_factor: float,
     eps: float,
     check_every: int = 1,
+    z_norm: torch.Tensor | None = None,
 ) -> Solution:
     """Run a method to per-sample convergence on the flat state ``z`` (see :func:`lipdeq.solvers.solve`).
+
+    ``z_norm``: the per-sample norms of ``z`` when the caller has them (:func:`check_z0`).
 
     Iteration ``k`` (``k = 1..max_iter``) evaluates ``f`` once on the whole batch at the current iterates.
     A sample that stops (converged, diverged, non-finite) keeps its iterate frozen from then on (updates
@@ -169,7 +195,8 @@ def drive(
         n_f += 1
         out = stepper.residual_out()
         g = torch.sub(fz, z) if out is None else torch.sub(fz, z, out=out)
-        abs_r = torch.linalg.vector_norm(g, dim=1)
+        sq = stepper.residual_sq_norm(g)
+        abs_r = torch.linalg.vector_norm(g, dim=1) if sq is None else sq.sqrt().to(dt)
         fz_norm = torch.linalg.vector_norm(fz, dim=1)
         rel_r = abs_r / (fz_norm + eps)
         if eps == 0:  # 0/0 at an exact fixed point at the origin
@@ -196,7 +223,8 @@ def drive(
         best_crit = torch.where(improved, crit, best_crit)
         best_step = best_step.masked_fill(improved, n_f)
         if n_f == 1:
-            size_limit = divergence_factor * torch.maximum(fz_norm, torch.linalg.vector_norm(z, dim=1))
+            z0_norm = torch.linalg.vector_norm(z, dim=1) if z_norm is None else z_norm
+            size_limit = divergence_factor * torch.maximum(fz_norm, z0_norm)
         # a growing residual, or an image that ran off (accelerated methods can push z to 1e8 on a map
         # without fixed point, where fl(f(z)) == z would otherwise read as converged)
         diverged = ok & ((abs_r > divergence_factor * min_abs) | (fz_norm > size_limit))

@@ -50,6 +50,10 @@ class Broyden:
         """No residual buffer: the driver allocates the residual."""
         return None
 
+    def residual_sq_norm(self, g: torch.Tensor) -> None:
+        """Not computed here: the driver takes the norm."""
+        return None
+
     def step(self, z: torch.Tensor, fz: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Update the inverse-Jacobian approximation with the last step and return ``z - Binv g``."""
         bg = self._matvec(g)

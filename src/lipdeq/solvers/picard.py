@@ -18,6 +18,10 @@ class Picard:
         """No residual buffer: the driver allocates the residual."""
         return None
 
+    def residual_sq_norm(self, g: torch.Tensor) -> None:
+        """Not computed here: the driver takes the norm."""
+        return None
+
     def step(self, z: torch.Tensor, fz: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Return ``z + tau (f(z) - z)``."""
         return fz if self.tau == 1.0 else z + self.tau * g

@@ -80,9 +80,10 @@ def solve(
     Raises:
         TypeError: ``z0`` not a floating tensor, ``f`` not callable or returning a non-tensor / another
             dtype or device, an unknown method option.
-        ValueError: bad ``z0`` shape or non-finite ``z0``, ``f`` changing the shape, unknown ``method`` or
-            ``stop_mode``, ``tol <= 0``, ``max_iter < 1``, ``lipschitz`` outside [0, 1) or of the wrong
-            shape, ``stop_mode="cert"`` without ``lipschitz``, an invalid option value.
+        ValueError: bad ``z0`` shape or non-finite ``z0``, ``f`` changing the shape or changing its
+            previous result in place, unknown ``method`` or ``stop_mode``, ``tol <= 0``,
+            ``max_iter < 1``, ``lipschitz`` outside [0, 1) or of the wrong shape, ``stop_mode="cert"``
+            without ``lipschitz``, an invalid option value.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
@@ -93,7 +94,7 @@ def solve(
             names = ", ".join(valid)
             raise TypeError(f"unknown option {key!r} for method {method!r}; valid options: {names}")
     check_settings(tol, stop_mode, max_iter, divergence_factor, eps, check_every)
-    z = check_z0(z0)
+    z, z_norm = check_z0(z0)
     L = check_lipschitz(lipschitz, z)
     if stop_mode == "cert" and L is None:
         raise ValueError("stop_mode='cert' requires lipschitz=L with 0 < L < 1")
@@ -116,6 +117,7 @@ def solve(
             divergence_factor=divergence_factor,
             eps=eps,
             check_every=check_every,
+            z_norm=z_norm,
         )
     sol.value = sol.value.view(z0.shape)
     sol.method = method
