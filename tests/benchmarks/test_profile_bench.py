@@ -27,6 +27,11 @@ def test_phases_add_up_and_hooks_are_removed(budget):
     assert torch.autograd.grad.__name__ == "grad"  # the timing wrapper is gone
     text = profile.format_report(r)
     assert "backward_adjoint" in text and "of a training step" in text
+    # the yardstick: one evaluation of the bench solvers map per step; the step and inference in its units
+    assert r["yardstick_s"] > 0
+    assert r["train_units"] == pytest.approx(tr["total"] / r["yardstick_s"])
+    assert r["infer_units"] == pytest.approx(inf["total"] / r["yardstick_s"])
+    assert "yardstick" in text and f"{profile.ISSUE11_TARGETS['train']:.1f}" in text
 
 
 def test_cli_bench_profile(capsys):

@@ -27,6 +27,13 @@ The sum of the phases is the measured step. The f-evaluation and vector-Jacobian
 come from :meth:`~lipdeq.models.MultiscaleDEQ.solver_stats`. The running certificate's refresh (exact
 FFT norms, once every ``model.certificate_refresh`` steps) does not show in a median step; it is
 timed on its own and amortised into ``certificate_share``.
+
+Absolute seconds on a shared machine drift with its speed, so each step is followed by one timed
+evaluation of a fixed yardstick, the map of ``lipdeq bench solvers`` (plain ``torch.nn`` convolutions
+and GroupNorm of MDEQ-tiny's state size at batch 32, code that this library's changes never touch):
+the step and the inference batch are also reported in yardstick units, comparable across days.
+:data:`ISSUE11_TARGETS` are the absolute targets of issue 11 in those units, at the yardstick's
+time when they were set (15.6 ms per evaluation: docs/RESULTS.md, ``lipdeq bench solvers``).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lipdeq.benchmarks.solvers import build_problem
 from lipdeq.configs import load_config
 from lipdeq.models import MultiscaleDEQ
 from lipdeq.solvers import SolverWarning
@@ -49,7 +57,12 @@ from lipdeq.training.device import resolve_device
 from lipdeq.training.step import train_step
 from lipdeq.training.trainer import build_optimizer
 
-__all__ = ["PHASES", "format_report", "run"]
+__all__ = ["ISSUE11_TARGETS", "PHASES", "format_report", "run"]
+
+# Issue 11's absolute targets (lipmdeq_tiny, batch 32, one thread): 0.6 s per training step and 0.18 s
+# per inference batch, set when the yardstick took 15.6 ms per evaluation; in yardstick units.
+ISSUE11_YARDSTICK_S = 0.0156
+ISSUE11_TARGETS = {"train": 0.6 / ISSUE11_YARDSTICK_S, "infer": 0.18 / ISSUE11_YARDSTICK_S}
 
 PHASES = ("cap", "certificate", "stem", "solve", "graph_step", "head", "backward_adjoint", "backward_rest",
           "optimizer")
@@ -227,6 +240,10 @@ def run(
     x = torch.randn(batch_size, cfg.model.in_channels, size, size, generator=gen).to(dev)
     y = torch.randint(0, cfg.model.num_classes, (batch_size,), generator=gen).to(dev)
     clock = _Clock(dev)
+    yard_f, yard_z = build_problem(32, seed, dev)
+    with torch.no_grad():
+        yard_z = yard_f(yard_z)  # a state away from 0
+    yardstick: list[float] = []
     train: list[dict[str, float]] = []
     infer: list[dict[str, float]] = []
     first: list[dict[str, float]] = []
@@ -241,7 +258,12 @@ def run(
                 model.eval()
                 fphases = _infer_phases(model, x, clock)  # the first after a weight change
                 iphases = _infer_phases(model, x, clock)  # the same weights again (what inference runs)
+                with torch.no_grad():
+                    t0 = clock._now()
+                    yard_f(yard_z)
+                    yard_s = clock._now() - t0
                 if i >= warmup:
+                    yardstick.append(yard_s)
                     train.append(phases)
                     infer.append(iphases)
                     first.append(fphases)
@@ -264,7 +286,9 @@ def run(
     n = cfg.model.certificate_refresh
     refresh = statistics.median(refresh_s)
     amortised = (refresh + (n - 1) * med["certificate"]) / n if cfg.model.is_lipschitz else 0.0
+    yard = statistics.median(yardstick)
     return {"preset": preset, "batch_size": batch_size, "steps": steps, "device": str(dev),
+            "yardstick_s": yard, "train_units": med["total"] / yard, "infer_units": imed["total"] / yard,
             "threads": torch.get_num_threads(), "budget": cfg.model.budget,
             "certificate_refresh": n, "train": med, "infer": imed, "infer_first": fmed, **counts,
             "certificate_refresh_s": refresh if cfg.model.is_lipschitz else 0.0,
@@ -292,5 +316,11 @@ def format_report(r: dict[str, Any]) -> str:
                  f"{r['train_backward_vjps']:.1f}), inference {r['infer_forward_f_evals']:.1f}")
     lines.append(f"certificate: refresh (exact FFT norms) {r['certificate_refresh_s']:.4f} s every "
                  f"{r['certificate_refresh']} steps, update {tr['certificate']:.4f} s per step; amortised "
-                 f"{r['certificate_amortised_s']:.4f} s = {r['certificate_share']:.1%} of a training step")
+                 f"{r['certificate_amortised_s']:.4f} s = {r['certificate_share']:.1%} of a training step "
+                 "(at that schedule; early refreshes, when the bound's drift would raise the budget, and "
+                 "those of checkpoints come on top)")
+    lines.append(f"yardstick (the bench solvers map, one evaluation at batch 32): {1e3 * r['yardstick_s']:.1f} ms; "
+                 f"training step {r['train_units']:.1f} units, inference {r['infer_units']:.1f} units (issue 11's "
+                 f"targets: {ISSUE11_TARGETS['train']:.1f} and {ISSUE11_TARGETS['infer']:.1f}, that is 0.6 s and "
+                 f"0.18 s at {1e3 * ISSUE11_YARDSTICK_S:.1f} ms)")
     return "\n".join(lines)
