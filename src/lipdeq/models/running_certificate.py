@@ -68,24 +68,22 @@ class RunningCertificate:
         self.layer = layer
         self.refresh_every = check_int("refresh_every", refresh_every, minimum=1)
         self._refs: dict[nn.Module, tuple[torch.Tensor, float]] = {}
-        self._age: int | None = None
-        self._reference = math.inf
+        self._last: tuple[int, float] | None = None  # (training calls since the last refresh, its value)
 
     @property
     def age(self) -> int | None:
         """Training-mode calls since the last refresh (0 right after one; None before the first)."""
-        return self._age
+        return None if self._last is None else self._last[0]
 
     @property
     def reference(self) -> float:
         """The value at the last refresh (inf before the first)."""
-        return self._reference
+        return math.inf if self._last is None else self._last[1]
 
     def reset(self) -> None:
         """Forget the stored weights: the next call refreshes."""
         self._refs = {}
-        self._age = None
-        self._reference = math.inf
+        self._last = None
 
     def _exact(self, conv: nn.Conv2d, spec: ConvSpec) -> float:
         w = conv.weight.detach().to(torch.float64)
@@ -110,13 +108,13 @@ class RunningCertificate:
         """The bound for the current weights; ``training``: of the training-time map (the default;
         its dropout factor also covers the eval map); ``refresh``: recompute the exact norms now. Only
         training-mode calls age the reference."""
-        refresh = refresh or self._age is None or self._age >= self.refresh_every
+        refresh = refresh or self._last is None or self._last[0] >= self.refresh_every
         if refresh:
             self._refs = {}
         cert = layer_certificate(self.layer, training=training, tighten=False,
                                  conv_norm=self._exact if refresh else self._updated)
         if refresh:
-            self._age, self._reference = 0, float(cert.value)
+            self._last = (0, float(cert.value))
         elif training:
-            self._age += 1
-        return RunningBound(float(cert.value), refresh, self._age, self._reference)
+            self._last = (self._last[0] + 1, self._last[1])
+        return RunningBound(float(cert.value), refresh, *self._last)

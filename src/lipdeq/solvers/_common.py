@@ -148,12 +148,12 @@ def drive(
     return_trace: bool,
     divergence_factor: float,
     eps: float,
+    z_norm: torch.Tensor,
     check_every: int = 1,
-    z_norm: torch.Tensor | None = None,
 ) -> Solution:
     """Run a method to per-sample convergence on the flat state ``z`` (see :func:`lipdeq.solvers.solve`).
 
-    ``z_norm``: the per-sample norms of ``z`` when the caller has them (:func:`check_z0`).
+    ``z_norm``: the per-sample norms of ``z``, as :func:`check_z0` returns them.
 
     Iteration ``k`` (``k = 1..max_iter``) evaluates ``f`` once on the whole batch at the current iterates.
     A sample that stops (converged, diverged, non-finite) keeps its iterate frozen from then on (updates
@@ -223,8 +223,7 @@ def drive(
         best_crit = torch.where(improved, crit, best_crit)
         best_step = best_step.masked_fill(improved, n_f)
         if n_f == 1:
-            z0_norm = torch.linalg.vector_norm(z, dim=1) if z_norm is None else z_norm
-            size_limit = divergence_factor * torch.maximum(fz_norm, z0_norm)
+            size_limit = divergence_factor * torch.maximum(fz_norm, z_norm)
         # a growing residual, or an image that ran off (accelerated methods can push z to 1e8 on a map
         # without fixed point, where fl(f(z)) == z would otherwise read as converged)
         diverged = ok & ((abs_r > divergence_factor * min_abs) | (fz_norm > size_limit))

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from lipdeq.benchmarks.paper.profiles import TARGETS
 
-__all__ = ["compare_pair", "equal_step", "eval_at", "median", "points", "ratio", "summary_and_targets", "z_score"]
+__all__ = ["compare_pair", "equal_step", "eval_at", "last_common_step", "median", "points", "ratio",
+           "summary_and_targets", "z_score"]
 
 
 def median(values: Sequence[float | None]) -> float:
@@ -44,18 +45,24 @@ def eval_at(entry: dict[str, Any], *, max_step: int | None = None, max_elapsed: 
     return ok[-1] if ok else None
 
 
+def last_common_step(a: Iterable[int], b: Iterable[int], limit: int) -> int | None:
+    """The largest step in both ``a`` and ``b`` that is at most ``limit`` (None if there is none)."""
+    common = set(a) & set(b)
+    return max((s for s in common if s <= limit), default=None)
+
+
 def equal_step(lip: dict[str, Any], base: dict[str, Any]) -> int | None:
     """The largest step at which both runs were evaluated, at most the shorter run's length.
 
     Usually the shorter run's last step: the Lipschitz run keeps a snapshot at the baseline's step
     count. When the Lipschitz run stops first (its time budget ran out, as on tiny test models whose
     fixed per-step costs dominate), the baseline may have no evaluation at that step; comparing the
-    nearest earlier one would compare different steps, so the comparison moves to a common step.
+    nearest earlier one would compare different steps, so the comparison moves to a common step
+    (which :func:`~lipdeq.benchmarks.paper.running.measure_run` evaluates on both sides).
     ``None`` when the runs share no evaluated step.
     """
-    limit = min(lip["steps"], base["steps"])
-    common = {e["step"] for e in lip["evals"]} & {e["step"] for e in base["evals"]}
-    return max((s for s in common if s <= limit), default=None)
+    return last_common_step((e["step"] for e in lip["evals"]), (e["step"] for e in base["evals"]),
+                            min(lip["steps"], base["steps"]))
 
 
 def compare_pair(lip: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:

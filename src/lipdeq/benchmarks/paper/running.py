@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from lipdeq.benchmarks.memory import measure_training_step
-from lipdeq.benchmarks.paper.compare import median
+from lipdeq.benchmarks.paper.compare import last_common_step, median
 from lipdeq.benchmarks.paper.profiles import Profile
 from lipdeq.configs import config_from_dict
 from lipdeq.gradients import fixed_point
@@ -235,9 +235,9 @@ def measure_run(run: TrainedRun, *, is_lipschitz: bool, others: Sequence[Trained
     middle = min(run.snapshots, key=lambda s: (abs(s - final / 2), s))
     required = {final, middle}
     for o in others:
-        common = [s for s in run.snapshots if s in o.snapshots and s <= min(run.steps, o.steps)]
-        if common:
-            required.add(max(common))
+        common = last_common_step(run.snapshots, o.snapshots, min(run.steps, o.steps))
+        if common is not None:
+            required.add(common)
     eval_steps = choose_evals(list(run.snapshots), required, prof.max_evals)
     log(f"evaluating {run.name} at steps {eval_steps}; probing at 0, {middle}, {final}")
     init_model = model_from_state(run.cfg, None, dev, seed)
